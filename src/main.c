@@ -1,9 +1,291 @@
-/* main: the netra command line. */
+/* main: the netra command line: serve, check, version, help. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "config.h"
+#include "log.h"
+#include "policy.h"
+#include "runtime.h"
+#include "server.h"
+
+static const char usage_text[] =
+    "usage: netra <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  serve [--env NAME] [--listen HOST:PORT]\n"
+    "                 run the server (default 127.0.0.1:8080; port 0 picks\n"
+    "                 a free port and the log says which)\n"
+    "  check [--env NAME]\n"
+    "                 run the startup policy without connecting; print every\n"
+    "                 component as required, optional or disabled and why;\n"
+    "                 exit 1 when startup would be refused\n"
+    "  version        print the version\n"
+    "  help, --help   print this text\n"
+    "\n"
+    "NAME is development (default), test, staging or production.\n"
+    "Settings come from flags, then the process environment, then\n"
+    "config/<NAME>.env; see the README.\n";
+
+static int usage(FILE *out, int code) {
+    fputs(usage_text, out);
+    return code;
+}
+
+typedef struct {
+    const char *command;
+    const char *env;
+    const char *listen;
+} options;
+
+/* Parses argv; returns 0, or 2 after printing what was wrong. */
+static int parse_args(int argc, char **argv, options *o) {
+    memset(o, 0, sizeof *o);
+    if (argc < 2) return usage(stderr, 2);
+    o->command = argv[1];
+    bool serve = !strcmp(o->command, "serve");
+    bool check = !strcmp(o->command, "check");
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char **slot = NULL;
+        const char *name = a;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout, 0);
+            exit(0);
+        }
+        if ((serve || check) && !strncmp(a, "--env", 5)) slot = &o->env;
+        else if (serve && !strncmp(a, "--listen", 8)) slot = &o->listen;
+        size_t n = slot == &o->env ? 5 : 8;
+        if (!slot || (a[n] != '\0' && a[n] != '=')) {
+            fprintf(stderr, "netra %s: unknown option '%s'\n\n", o->command,
+                    a);
+            return usage(stderr, 2);
+        }
+        if (a[n] == '=') *slot = a + n + 1;
+        else if (i + 1 < argc) *slot = argv[++i];
+        else {
+            fprintf(stderr, "netra %s: %.*s needs a value\n\n", o->command,
+                    (int)n, name);
+            return usage(stderr, 2);
+        }
+    }
+    return 0;
+}
+
+static void remember_secret(void *ud, const char *key, const char *value,
+                            config_source source) {
+    (void)ud;
+    (void)source;
+    if (config_is_secret(key)) log_add_secret(value);
+}
+
+/* Loads the configuration and sets up logging. Returns NULL after
+ * printing the reason. */
+static config *load_config(const options *o) {
+    config *cfg = config_new();
+    char err[1024];
+    if (!cfg) {
+        fprintf(stderr, "netra: out of memory\n");
+        return NULL;
+    }
+    if (o->env) config_set(cfg, CONFIG_FLAG, "ENVIRONMENT", o->env);
+    if (o->listen) config_set(cfg, CONFIG_FLAG, "NETRA_LISTEN", o->listen);
+    if (config_load(cfg, err, sizeof err) < 0) {
+        fprintf(stderr, "netra: %s\n", err);
+        config_free(cfg);
+        return NULL;
+    }
+    config_each(cfg, remember_secret, NULL);
+
+    log_level level = NLOG_INFO;
+    const char *lv = config_get(cfg, "NETRA_LOG_LEVEL");
+    if (lv && !log_parse_level(lv, &level)) {
+        fprintf(stderr, "netra: NETRA_LOG_LEVEL=%s is not a level - use "
+                        "debug, info, warn or error\n", lv);
+        config_free(cfg);
+        return NULL;
+    }
+    const char *format = config_get_or(cfg, "NETRA_LOG_FORMAT", "text");
+    if (strcmp(format, "text") && strcmp(format, "json")) {
+        fprintf(stderr, "netra: NETRA_LOG_FORMAT=%s - use text or json\n",
+                format);
+        config_free(cfg);
+        return NULL;
+    }
+    log_setup(level, !strcmp(format, "json"));
+    return cfg;
+}
+
+/* ---- check ---------------------------------------------------------------- */
+
+static int cmd_check(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    runtime *rt = runtime_new(cfg);
+    if (!rt) return 1;
+    rt->dry_run = true;
+
+    char err[4096];
+    policy *p = policy_open(rt, err, sizeof err);
+    int rc = 1;
+    if (!p) {
+        printf("error: %s\n", err);
+    } else {
+        printf("policy: %s\n", policy_path(p));
+        rc = policy_check(p, stdout) == 0 ? 0 : 1;
+    }
+    health_free(rt->health);
+    rt->health = NULL;
+    policy_close(p);
+    runtime_free(rt);
+    return rc;
+}
+
+/* ---- serve ------------------------------------------------------------------ */
+
+typedef struct {
+    runtime *rt;
+    policy *policy;
+    atomic_int outcome; /* -1 running, else a POLICY_ value */
+    char err[8192];
+} startup;
+
+static void *startup_main(void *arg) {
+    startup *s = arg;
+    runtime_set_phase(s->rt, "policy");
+    s->policy = policy_open(s->rt, s->err, sizeof s->err);
+    int outcome = s->policy ? policy_start(s->policy, s->err, sizeof s->err)
+                            : POLICY_FAILED;
+    atomic_store(&s->outcome, outcome);
+    return NULL;
+}
+
+/* Waits up to 200 ms for a signal; returns it or 0. */
+static int wait_signal(const sigset_t *set) {
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = 200 * 1000 * 1000};
+    int sig = sigtimedwait(set, NULL, &ts);
+    return sig > 0 ? sig : 0;
+}
+
+static int cmd_serve(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+
+    server_options so;
+    memset(&so, 0, sizeof so);
+    char err[1024];
+    long stall_ms, grace_ms;
+    const char *listen = config_get_or(cfg, "NETRA_LISTEN", "127.0.0.1:8080");
+    if (server_parse_listen(listen, &so, err, sizeof err) < 0 ||
+        config_int(cfg, "NETRA_WATCHDOG_STALL_MS", 2000, 100, 600000,
+                   &stall_ms, err, sizeof err) < 0 ||
+        config_int(cfg, "NETRA_SHUTDOWN_GRACE_MS", 5000, 0, 600000, &grace_ms,
+                   err, sizeof err) < 0) {
+        log_msg(NLOG_ERROR, "netra", "%s", err);
+        config_free(cfg);
+        return 1;
+    }
+    so.stall_ms = (int)stall_ms;
+
+    runtime *rt = runtime_new(cfg);
+    if (!rt) return 1;
+    const char *env = config_environment(rt->cfg);
+    log_msg(NLOG_INFO, "netra", "netra %s starting in %s (home %s)",
+            NETRA_VERSION, env, config_home(rt->cfg));
+
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    rt->server = server_start(rt, &so, err, sizeof err);
+    if (!rt->server) {
+        log_msg(NLOG_ERROR, "server", "%s", err);
+        runtime_free(rt);
+        return 1;
+    }
+    log_msg(NLOG_INFO, "server", "listening on http://%s%s%s:%d (/health, "
+            "/health/live, /health/ready, /ws)",
+            strchr(so.host, ':') ? "[" : "", so.host,
+            strchr(so.host, ':') ? "]" : "", server_port(rt->server));
+    server_register_bridge(rt->server, NULL, err, sizeof err);
+    health_start(rt->health);
+
+    startup s = {.rt = rt};
+    atomic_store(&s.outcome, -1);
+    pthread_t th;
+    pthread_create(&th, NULL, startup_main, &s);
+
+    int rc = 0, sig = 0;
+    bool joined = false;
+    while (!sig) {
+        sig = wait_signal(&set);
+        if (sig == SIGHUP) {
+            log_msg(NLOG_WARN, "netra", "SIGHUP: reload is not available in "
+                                        "this version; ignored");
+            sig = 0;
+        }
+        int outcome = atomic_load(&s.outcome);
+        if (!joined && outcome >= 0) {
+            pthread_join(th, NULL);
+            joined = true;
+            if (outcome != POLICY_OK) {
+                log_msg(NLOG_ERROR, "startup", "%s", s.err);
+                log_msg(NLOG_ERROR, "startup",
+                        "startup refused in %s; exiting", env);
+                rc = 1;
+                break;
+            }
+            runtime_set_started(rt);
+            log_msg(NLOG_INFO, "netra", "ready in %s on port %d", env,
+                    server_port(rt->server));
+        }
+    }
+    if (sig) {
+        log_msg(NLOG_INFO, "netra", "%s received: readiness off, closing "
+                "connections (grace %ld ms)", strsignal(sig), grace_ms);
+    }
+
+    runtime_set_stopping(rt);
+    server_stop(rt->server, (int)grace_ms);
+    health_stop(rt->health);
+    if (!joined) {
+        /* The policy is still running (a long connection retry): its
+         * thread ends with the process. */
+        log_msg(NLOG_INFO, "netra", "stopped during startup");
+        return rc;
+    }
+    health_free(rt->health);
+    rt->health = NULL;
+    policy_close(s.policy);
+    server_free(rt->server);
+    rt->server = NULL;
+    runtime_free(rt);
+    if (!rc) log_msg(NLOG_INFO, "netra", "stopped");
+    return rc;
+}
 
 int main(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    puts("netra " NETRA_VERSION);
-    return 0;
+    options o;
+    int rc = parse_args(argc, argv, &o);
+    if (rc) return rc;
+    if (!strcmp(o.command, "serve")) return cmd_serve(&o);
+    if (!strcmp(o.command, "check")) return cmd_check(&o);
+    if (!strcmp(o.command, "version") || !strcmp(o.command, "--version")) {
+        printf("netra %s\n", NETRA_VERSION);
+        return 0;
+    }
+    if (!strcmp(o.command, "help") || !strcmp(o.command, "--help") ||
+        !strcmp(o.command, "-h"))
+        return usage(stdout, 0);
+    fprintf(stderr, "netra: unknown command '%s'\n\n", o.command);
+    return usage(stderr, 2);
 }

@@ -1,0 +1,253 @@
+--- netra's startup policy: which components this deployment has, in which
+--- phase they start, whether each is required in this environment, how
+--- each connects and how each is checked afterwards. The C core runs
+--- `policy.start()` for `netra serve` and `policy.check()` for
+--- `netra check`; everything it decides is in this file and in
+--- netra/gating.lua.
+local netra = require("netra")
+local gating = require("netra.gating")
+
+local policy = {}
+
+local env = netra.environment
+local rules = gating.rules(env)
+
+--- Where a setting came from, for messages: "CLICKHOUSE_REQUIRED=false
+--- (config/staging.env)".
+local function setting_text(key)
+  local value = netra.config.get(key)
+  if value == nil then
+    return key .. " unset"
+  end
+  if netra.config.is_secret(key) then
+    value = "[REDACTED]"
+  end
+  return ("%s=%s (%s)"):format(key, value, netra.config.source(key))
+end
+
+
+--- The ClickHouse settings that are present, and whether enough are.
+local function clickhouse_configured()
+  local url = netra.config.get("CLICKHOUSE_URL")
+  local host = netra.config.get("CLICKHOUSE_HOST")
+  return url ~= nil or host ~= nil
+end
+
+
+--- Each component: its type, and how to decide, start and check it.
+--- decide() returns a decision:
+---   { state = "required" | "optional" | "disabled", reason = "...",
+---     problem = "...", advice = "...", severity = "error" | "warning" }
+policy.components = {}
+
+policy.components.agent_websocket_bridge = {
+  type = "component",
+  check = { interval_ms = 1000, timeout_ms = 1500, fail_after = 2, recover_after = 1 },
+  decide = function()
+    return { state = "required", reason = "the /ws listener serves every agent client" }
+  end,
+  start = function(decision, spec)
+    netra.health.register({
+      name = "agent_websocket_bridge",
+      type = spec.type,
+      measurement = "connections",
+      required = decision.state == "required",
+      check = "bridge",
+      interval_ms = spec.check.interval_ms,
+      timeout_ms = spec.check.timeout_ms,
+      fail_after = spec.check.fail_after,
+      recover_after = spec.check.recover_after,
+    })
+    return true
+  end,
+}
+
+policy.components.clickhouse = {
+  type = "datastore",
+  check = { interval_ms = 2000, timeout_ms = 1500, fail_after = 2, recover_after = 1 },
+  decide = function()
+    local required = netra.config.bool("CLICKHOUSE_REQUIRED", rules.clickhouse_required)
+    local why
+    if netra.config.get("CLICKHOUSE_REQUIRED") then
+      why = setting_text("CLICKHOUSE_REQUIRED")
+    else
+      why = ("the gating table's default for %s"):format(env)
+    end
+    if not clickhouse_configured() then
+      if required then
+        return {
+          state = "required",
+          reason = why,
+          severity = "error",
+          problem = "Required secrets missing: ['CLICKHOUSE_URL']",
+          advice = "set CLICKHOUSE_URL or CLICKHOUSE_HOST, or set CLICKHOUSE_REQUIRED=false",
+        }
+      end
+      return {
+        state = "disabled",
+        reason = "not configured and CLICKHOUSE_REQUIRED=false - " .. why,
+      }
+    end
+    return { state = required and "required" or "optional", reason = why }
+  end,
+  start = function(decision, spec)
+    if decision.state == "disabled" then
+      netra.log.info("ClickHouse",
+        ("Skipping connection in %s - CLICKHOUSE_REQUIRED=false"):format(env))
+      netra.health.register({ name = "clickhouse", type = spec.type, required = false })
+      netra.health.set("clickhouse", "disabled", decision.reason)
+      return true
+    end
+    if decision.problem then
+      return nil, decision.problem .. " - " .. decision.advice
+    end
+    -- TODO(clickhouse): connect with the client once it lands; until then
+    -- a configured ClickHouse is registered and reported as not checked.
+    netra.health.register({
+      name = "clickhouse",
+      type = spec.type,
+      required = decision.state == "required",
+    })
+    netra.health.set("clickhouse", "unknown", "the ClickHouse client is not built yet")
+    return true
+  end,
+}
+
+--- Settings that are not components but can stop startup or warn.
+policy.settings = {
+  {
+    key = "NETRA_JWT_SECRET",
+    decide = function()
+      if netra.config.get("NETRA_JWT_SECRET") then
+        return nil
+      end
+      if rules.jwt_secret == "refuse" then
+        return {
+          severity = "error",
+          problem = ("NETRA_JWT_SECRET is not set; %s refuses to start without it"):format(env),
+          advice = "set NETRA_JWT_SECRET to a long random value (e.g. openssl rand -hex 32)",
+        }
+      elseif rules.jwt_secret == "warn" then
+        return {
+          severity = "warning",
+          problem = ("NETRA_JWT_SECRET is not set; in %s every /ws client will be refused"):format(env),
+          advice = "set NETRA_JWT_SECRET so that clients can authenticate",
+        }
+      end
+      return nil
+    end,
+  },
+}
+
+--- Phases in order, each naming its components in start order.
+policy.phases = {
+  { name = "listener", components = { "agent_websocket_bridge" } },
+  { name = "datastores", components = { "clickhouse" } },
+}
+
+
+--- Decides every component and setting without connecting to anything.
+---@return table plan { phases = {{name, components = {{name, spec, decision}}}}, problems = {...} }
+function policy.plan()
+  local plan = { environment = env, phases = {}, problems = {} }
+  for _, phase in ipairs(policy.phases) do
+    local entry = { name = phase.name, components = {} }
+    for _, name in ipairs(phase.components) do
+      local spec = policy.components[name]
+      if not spec then
+        error(("phase '%s' names unknown component '%s'"):format(phase.name, name))
+      end
+      local decision = spec.decide()
+      entry.components[#entry.components + 1] = { name = name, spec = spec, decision = decision }
+      if decision.problem then
+        plan.problems[#plan.problems + 1] = {
+          subject = name, severity = decision.severity or "error",
+          problem = decision.problem, advice = decision.advice,
+        }
+      end
+    end
+    plan.phases[#plan.phases + 1] = entry
+  end
+  for _, setting in ipairs(policy.settings) do
+    local decision = setting.decide()
+    if decision then
+      plan.problems[#plan.problems + 1] = {
+        subject = setting.key, severity = decision.severity,
+        problem = decision.problem, advice = decision.advice,
+      }
+    end
+  end
+  return plan
+end
+
+
+--- True when no problem in the plan is an error.
+local function proceeds(plan)
+  for _, p in ipairs(plan.problems) do
+    if p.severity == "error" then
+      return false
+    end
+  end
+  return true
+end
+
+
+--- Runs the policy for `netra serve`: each phase in order, each component
+--- started as decided. Warnings are logged; the first error refuses.
+---@return boolean|nil ok
+---@return string|nil message why startup is refused
+function policy.start()
+  local plan = policy.plan()
+  for _, p in ipairs(plan.problems) do
+    if p.severity == "warning" then
+      netra.log.warn("policy", p.problem .. " - " .. p.advice)
+    elseif p.subject ~= "clickhouse" then
+      return nil, p.problem .. " - " .. p.advice
+    end
+  end
+  for _, phase in ipairs(plan.phases) do
+    netra.startup.phase(phase.name)
+    for _, c in ipairs(phase.components) do
+      local ok, err = c.spec.start(c.decision, c.spec)
+      if not ok then
+        return nil, err
+      end
+    end
+  end
+  return true
+end
+
+
+--- Runs the policy for `netra check`: decides without connecting and
+--- describes every component and problem.
+---@return boolean ok startup would proceed
+---@return string[] lines the report
+function policy.check()
+  local plan = policy.plan()
+  local lines = {}
+  local function add(fmt, ...)
+    lines[#lines + 1] = fmt:format(...)
+  end
+  add("environment: %s (%s)", env, netra.config.source("ENVIRONMENT"))
+  for _, phase in ipairs(plan.phases) do
+    add("phase %s", phase.name)
+    for _, c in ipairs(phase.components) do
+      add("  %-24s %-9s %s", c.name, c.decision.state, c.decision.reason or "")
+    end
+  end
+  local ok = proceeds(plan)
+  if #plan.problems > 0 then
+    add("problems")
+    for _, p in ipairs(plan.problems) do
+      add("  %s: %s - %s", p.severity, p.problem, p.advice)
+    end
+  end
+  if ok then
+    add("startup would proceed")
+  else
+    add("startup would be refused")
+  end
+  return ok, lines
+end
+
+return policy

@@ -1,0 +1,582 @@
+/* bindings: the `netra` Lua module (see bindings.h). */
+#include "bindings.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "log.h"
+#include "server.h"
+
+static runtime *rt_of(lua_State *L) {
+    return lua_touserdata(L, lua_upvalueindex(1));
+}
+
+/* ---- JSON <-> Lua ---------------------------------------------------------- */
+
+void bindings_push_json(lua_State *L, const cJSON *v) {
+    luaL_checkstack(L, 4, "JSON nested too deeply");
+    if (cJSON_IsObject(v)) {
+        lua_createtable(L, 0, cJSON_GetArraySize(v));
+        for (const cJSON *c = v->child; c; c = c->next) {
+            if (cJSON_IsNull(c)) continue;
+            bindings_push_json(L, c);
+            lua_setfield(L, -2, c->string);
+        }
+    } else if (cJSON_IsArray(v)) {
+        lua_createtable(L, cJSON_GetArraySize(v), 0);
+        lua_Integer i = 1;
+        for (const cJSON *c = v->child; c; c = c->next, i++) {
+            bindings_push_json(L, c);
+            lua_rawseti(L, -2, i);
+        }
+    } else if (cJSON_IsString(v)) {
+        lua_pushstring(L, v->valuestring);
+    } else if (cJSON_IsBool(v)) {
+        lua_pushboolean(L, cJSON_IsTrue(v));
+    } else if (cJSON_IsNumber(v)) {
+        double d = v->valuedouble;
+        if (d == floor(d) && fabs(d) < 9007199254740992.0)
+            lua_pushinteger(L, (lua_Integer)d);
+        else
+            lua_pushnumber(L, d);
+    } else {
+        lua_pushnil(L);
+    }
+}
+
+static cJSON *to_json(lua_State *L, int idx, int depth, char *err,
+                      size_t size);
+
+/* A table is an array when its keys are exactly 1..n (n >= 1). */
+static bool is_array(lua_State *L, int idx, lua_Integer *n) {
+    lua_Integer count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (!lua_isinteger(L, -1)) {
+            lua_pop(L, 1);
+            return false;
+        }
+        count++;
+    }
+    *n = count;
+    return count > 0 && (lua_Integer)lua_rawlen(L, idx) == count;
+}
+
+static cJSON *table_to_json(lua_State *L, int idx, int depth, char *err,
+                            size_t size) {
+    lua_Integer n;
+    if (is_array(L, idx, &n)) {
+        cJSON *a = cJSON_CreateArray();
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, idx, i);
+            cJSON *item = to_json(L, lua_gettop(L), depth + 1, err, size);
+            lua_pop(L, 1);
+            if (!item) {
+                cJSON_Delete(a);
+                return NULL;
+            }
+            cJSON_AddItemToArray(a, item);
+        }
+        return a;
+    }
+    cJSON *o = cJSON_CreateObject();
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            lua_pop(L, 2);
+            snprintf(err, size, "table keys must be strings (or 1..n)");
+            cJSON_Delete(o);
+            return NULL;
+        }
+        cJSON *item = to_json(L, lua_gettop(L), depth + 1, err, size);
+        if (!item) {
+            lua_pop(L, 2);
+            cJSON_Delete(o);
+            return NULL;
+        }
+        cJSON_AddItemToObject(o, lua_tostring(L, -2), item);
+        lua_pop(L, 1);
+    }
+    return o;
+}
+
+static cJSON *to_json(lua_State *L, int idx, int depth, char *err,
+                      size_t size) {
+    if (depth > 64) {
+        snprintf(err, size, "value nested deeper than 64 levels (a cycle?)");
+        return NULL;
+    }
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL: return cJSON_CreateNull();
+    case LUA_TBOOLEAN: return cJSON_CreateBool(lua_toboolean(L, idx));
+    case LUA_TNUMBER: return cJSON_CreateNumber(lua_tonumber(L, idx));
+    case LUA_TSTRING: return cJSON_CreateString(lua_tostring(L, idx));
+    case LUA_TTABLE:
+        luaL_checkstack(L, 4, "table nested too deeply");
+        return table_to_json(L, idx, depth, err, size);
+    case LUA_TLIGHTUSERDATA:
+        if (!lua_touserdata(L, idx)) return cJSON_CreateNull();
+        /* fall through */
+    default:
+        snprintf(err, size, "cannot convert a %s to JSON",
+                 luaL_typename(L, idx));
+        return NULL;
+    }
+}
+
+cJSON *bindings_to_json(lua_State *L, int index, char *err, size_t size) {
+    return to_json(L, lua_absindex(L, index), 0, err, size);
+}
+
+/* ---- netra.config ---------------------------------------------------------- */
+
+static int l_config_get(lua_State *L) {
+    const char *v = config_get(rt_of(L)->cfg, luaL_checkstring(L, 1));
+    if (v) lua_pushstring(L, v);
+    else lua_pushvalue(L, 2);
+    return 1;
+}
+
+static int l_config_bool(lua_State *L) {
+    const char *key = luaL_checkstring(L, 1);
+    bool def = lua_toboolean(L, 2), out;
+    char err[256];
+    if (config_bool(rt_of(L)->cfg, key, def, &out, err, sizeof err) < 0)
+        return luaL_error(L, "%s", err);
+    lua_pushboolean(L, out);
+    return 1;
+}
+
+static int l_config_int(lua_State *L) {
+    const char *key = luaL_checkstring(L, 1);
+    lua_Integer def = luaL_optinteger(L, 2, 0);
+    lua_Integer min = luaL_optinteger(L, 3, LONG_MIN);
+    lua_Integer max = luaL_optinteger(L, 4, LONG_MAX);
+    long out;
+    char err[256];
+    if (config_int(rt_of(L)->cfg, key, (long)def, (long)min, (long)max, &out,
+                   err, sizeof err) < 0)
+        return luaL_error(L, "%s", err);
+    lua_pushinteger(L, out);
+    return 1;
+}
+
+static int l_config_source(lua_State *L) {
+    runtime *rt = rt_of(L);
+    config_source s = config_source_of(rt->cfg, luaL_checkstring(L, 1));
+    lua_pushstring(L, config_source_name(rt->cfg, s));
+    return 1;
+}
+
+static int l_config_is_secret(lua_State *L) {
+    lua_pushboolean(L, config_is_secret(luaL_checkstring(L, 1)));
+    return 1;
+}
+
+static int l_config_environment(lua_State *L) {
+    lua_pushstring(L, config_environment(rt_of(L)->cfg));
+    return 1;
+}
+
+static int l_config_home(lua_State *L) {
+    lua_pushstring(L, config_home(rt_of(L)->cfg));
+    return 1;
+}
+
+static const luaL_Reg config_funcs[] = {
+    {"get", l_config_get},
+    {"bool", l_config_bool},
+    {"int", l_config_int},
+    {"source", l_config_source},
+    {"is_secret", l_config_is_secret},
+    {"environment", l_config_environment},
+    {"home", l_config_home},
+    {NULL, NULL},
+};
+
+/* ---- netra.log --------------------------------------------------------------- */
+
+static int log_at(lua_State *L, log_level level) {
+    const char *component = luaL_checkstring(L, 1);
+    const char *message = luaL_checkstring(L, 2);
+    log_msg(level, component, "%s", message);
+    return 0;
+}
+
+static int l_log_debug(lua_State *L) { return log_at(L, NLOG_DEBUG); }
+static int l_log_info(lua_State *L) { return log_at(L, NLOG_INFO); }
+static int l_log_warn(lua_State *L) { return log_at(L, NLOG_WARN); }
+static int l_log_error(lua_State *L) { return log_at(L, NLOG_ERROR); }
+
+static const luaL_Reg log_funcs[] = {
+    {"debug", l_log_debug}, {"info", l_log_info},
+    {"warn", l_log_warn},   {"error", l_log_error},
+    {NULL, NULL},
+};
+
+/* ---- netra.health ------------------------------------------------------------ */
+
+/* A health check written in Lua: a function kept in the registry of the
+ * state that registered it, called under rt->lua_lock. */
+typedef struct {
+    runtime *rt;
+    lua_State *L;
+    int ref;
+    int timeout_ms;
+} lua_check;
+
+typedef struct {
+    struct timespec deadline;
+} check_deadline;
+
+static void deadline_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    check_deadline *d;
+    lua_getfield(L, LUA_REGISTRYINDEX, "netra.check_deadline");
+    d = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (!d) return;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec > d->deadline.tv_sec ||
+        (now.tv_sec == d->deadline.tv_sec &&
+         now.tv_nsec > d->deadline.tv_nsec))
+        luaL_error(L, "check ran past its timeout");
+}
+
+static health_status run_lua_check(void *ud, char *message, size_t size,
+                                   cJSON **observed) {
+    lua_check *lc = ud;
+    health_status status = HEALTH_UNHEALTHY;
+    pthread_mutex_lock(&lc->rt->lua_lock);
+    lua_State *L = lc->L;
+    if (!L) {
+        pthread_mutex_unlock(&lc->rt->lua_lock);
+        snprintf(message, size, "the Lua state of this check is gone");
+        return HEALTH_UNKNOWN;
+    }
+    int top = lua_gettop(L);
+
+    check_deadline *d = lua_newuserdatauv(L, sizeof *d, 0);
+    clock_gettime(CLOCK_MONOTONIC, &d->deadline);
+    d->deadline.tv_sec += lc->timeout_ms / 1000;
+    d->deadline.tv_nsec += (long)(lc->timeout_ms % 1000) * 1000000L;
+    if (d->deadline.tv_nsec >= 1000000000L) {
+        d->deadline.tv_sec++;
+        d->deadline.tv_nsec -= 1000000000L;
+    }
+    lua_setfield(L, LUA_REGISTRYINDEX, "netra.check_deadline");
+    lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 1000);
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lc->ref);
+    if (lua_pcall(L, 0, 3, 0) != LUA_OK) {
+        snprintf(message, size, "check failed: %s", lua_tostring(L, -1));
+    } else {
+        const char *name = lua_tostring(L, top + 1);
+        if (!name || !health_status_parse(name, &status)) {
+            snprintf(message, size,
+                     "check returned %s instead of a status name "
+                     "(healthy, degraded, unhealthy, ...)",
+                     name ? name : luaL_typename(L, top + 1));
+            status = HEALTH_UNHEALTHY;
+        } else {
+            snprintf(message, size, "%s",
+                     lua_isstring(L, top + 2) ? lua_tostring(L, top + 2)
+                                              : "");
+            if (!lua_isnil(L, top + 3)) {
+                char err[128];
+                *observed = bindings_to_json(L, top + 3, err, sizeof err);
+            }
+        }
+    }
+    lua_sethook(L, NULL, 0, 0);
+    lua_pushnil(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, "netra.check_deadline");
+    lua_settop(L, top);
+    pthread_mutex_unlock(&lc->rt->lua_lock);
+    return status;
+}
+
+static void free_lua_check(void *ud) {
+    lua_check *lc = ud;
+    pthread_mutex_lock(&lc->rt->lua_lock);
+    if (lc->L) luaL_unref(lc->L, LUA_REGISTRYINDEX, lc->ref);
+    pthread_mutex_unlock(&lc->rt->lua_lock);
+    free(lc);
+}
+
+static int opt_int_field(lua_State *L, int t, const char *key, int def) {
+    lua_getfield(L, t, key);
+    int v = lua_isnil(L, -1) ? def : (int)luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static const char *opt_str_field(lua_State *L, int t, const char *key,
+                                 const char *def) {
+    lua_getfield(L, t, key);
+    const char *v = lua_isnil(L, -1) ? def : luaL_checkstring(L, -1);
+    lua_pop(L, 1); /* the string stays alive in the table */
+    return v;
+}
+
+/* netra.health.register{name=, type=, required=, check=function|"bridge",
+ * interval_ms=, timeout_ms=, max_age_ms=, fail_after=, recover_after=,
+ * measurement=, unit=} */
+static int l_health_register(lua_State *L) {
+    runtime *rt = rt_of(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    health_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.name = opt_str_field(L, 1, "name", NULL);
+    if (!spec.name) return luaL_error(L, "health.register: name is required");
+    spec.type = opt_str_field(L, 1, "type", "component");
+    spec.measurement = opt_str_field(L, 1, "measurement", NULL);
+    spec.unit = opt_str_field(L, 1, "unit", NULL);
+    lua_getfield(L, 1, "required");
+    spec.required = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    spec.interval_ms = opt_int_field(L, 1, "interval_ms", 0);
+    spec.timeout_ms = opt_int_field(L, 1, "timeout_ms", 0);
+    spec.max_age_ms = opt_int_field(L, 1, "max_age_ms", 0);
+    spec.fail_after = opt_int_field(L, 1, "fail_after", 0);
+    spec.recover_after = opt_int_field(L, 1, "recover_after", 0);
+
+    char err[256];
+    lua_getfield(L, 1, "check");
+    if (lua_type(L, -1) == LUA_TSTRING &&
+        !strcmp(lua_tostring(L, -1), "bridge")) {
+        lua_pop(L, 1);
+        if (!rt->server) {
+            /* No listener in this process (check, repl): keep the
+             * component, with nothing to check. */
+            if (health_register(rt->health, &spec, err, sizeof err) < 0)
+                return luaL_error(L, "health.register: %s", err);
+            return 0;
+        }
+        if (server_register_bridge(rt->server, &spec, err, sizeof err) < 0)
+            return luaL_error(L, "health.register: %s", err);
+        return 0;
+    }
+    if (lua_isfunction(L, -1)) {
+        lua_check *lc = calloc(1, sizeof *lc);
+        if (!lc) return luaL_error(L, "out of memory");
+        lc->rt = rt;
+        lc->L = L;
+        lc->timeout_ms = spec.timeout_ms > 0 ? spec.timeout_ms : 2000;
+        lua_pushvalue(L, -1);
+        lc->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        spec.check = run_lua_check;
+        spec.ud = lc;
+        spec.ud_free = free_lua_check;
+    } else if (!lua_isnil(L, -1)) {
+        return luaL_error(L, "health.register: check must be a function or "
+                             "\"bridge\"");
+    }
+    lua_pop(L, 1);
+    if (health_register(rt->health, &spec, err, sizeof err) < 0)
+        return luaL_error(L, "health.register: %s", err);
+    return 0;
+}
+
+static int l_health_set(lua_State *L) {
+    runtime *rt = rt_of(L);
+    const char *name = luaL_checkstring(L, 1);
+    health_status status;
+    if (!health_status_parse(luaL_checkstring(L, 2), &status))
+        return luaL_argerror(L, 2, "expected a status name: starting, "
+                                   "healthy, degraded, unhealthy, unknown or "
+                                   "disabled");
+    const char *message = luaL_optstring(L, 3, "");
+    cJSON *observed = NULL;
+    if (!lua_isnoneornil(L, 4)) {
+        char err[128];
+        observed = bindings_to_json(L, 4, err, sizeof err);
+        if (!observed) return luaL_argerror(L, 4, err);
+    }
+    if (health_set(rt->health, name, status, message, observed) < 0)
+        return luaL_error(L, "health.set: no component named '%s' - "
+                             "register it first",
+                          name);
+    return 0;
+}
+
+static void push_info(lua_State *L, const health_info *info) {
+    lua_createtable(L, 0, 8);
+    lua_pushstring(L, info->name);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, info->type);
+    lua_setfield(L, -2, "type");
+    lua_pushstring(L, health_status_name(info->status));
+    lua_setfield(L, -2, "status");
+    lua_pushboolean(L, info->required);
+    lua_setfield(L, -2, "required");
+    lua_pushstring(L, info->message);
+    lua_setfield(L, -2, "message");
+    lua_pushinteger(L, info->last_check_ms);
+    lua_setfield(L, -2, "last_check_ms");
+    lua_pushnumber(L, info->duration_ms);
+    lua_setfield(L, -2, "duration_ms");
+}
+
+static int l_health_get(lua_State *L) {
+    health_info info;
+    if (health_get(rt_of(L)->health, luaL_checkstring(L, 1), &info) < 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "no component named '%s'", lua_tostring(L, 1));
+        return 2;
+    }
+    push_info(L, &info);
+    return 1;
+}
+
+static int l_health_overall(lua_State *L) {
+    lua_pushstring(L, health_status_name(health_overall(rt_of(L)->health)));
+    return 1;
+}
+
+static int l_health_snapshot(lua_State *L) {
+    runtime *rt = rt_of(L);
+    char phase[32];
+    runtime_phase(rt, phase, sizeof phase);
+    cJSON *doc = health_render(rt->health, true, config_environment(rt->cfg),
+                               phase);
+    if (!doc) return luaL_error(L, "out of memory");
+    bindings_push_json(L, doc);
+    cJSON_Delete(doc);
+    return 1;
+}
+
+static int l_health_components(lua_State *L) {
+    cJSON *names = health_names(rt_of(L)->health);
+    bindings_push_json(L, names);
+    cJSON_Delete(names);
+    return 1;
+}
+
+static int l_health_run_all(lua_State *L) {
+    health_run_all(rt_of(L)->health);
+    return 0;
+}
+
+static int l_health_remove(lua_State *L) {
+    lua_pushboolean(L, health_remove(rt_of(L)->health,
+                                     luaL_checkstring(L, 1)) == 0);
+    return 1;
+}
+
+static const luaL_Reg health_funcs[] = {
+    {"register", l_health_register},
+    {"set", l_health_set},
+    {"get", l_health_get},
+    {"overall", l_health_overall},
+    {"snapshot", l_health_snapshot},
+    {"components", l_health_components},
+    {"run_all", l_health_run_all},
+    {"remove", l_health_remove},
+    {NULL, NULL},
+};
+
+/* ---- netra.startup ----------------------------------------------------------- */
+
+static int l_startup_phase(lua_State *L) {
+    runtime *rt = rt_of(L);
+    if (lua_isnoneornil(L, 1)) {
+        char phase[32];
+        runtime_phase(rt, phase, sizeof phase);
+        lua_pushstring(L, phase);
+        return 1;
+    }
+    const char *phase = luaL_checkstring(L, 1);
+    runtime_set_phase(rt, phase);
+    log_msg(NLOG_INFO, "startup", "phase %s", phase);
+    return 0;
+}
+
+static int l_startup_dry_run(lua_State *L) {
+    lua_pushboolean(L, rt_of(L)->dry_run);
+    return 1;
+}
+
+static int l_startup_serving(lua_State *L) {
+    lua_pushboolean(L, rt_of(L)->server != NULL);
+    return 1;
+}
+
+static int l_startup_sleep(lua_State *L) {
+    lua_Number ms = luaL_checknumber(L, 1);
+    if (ms > 0) {
+        struct timespec ts = {.tv_sec = (time_t)(ms / 1000),
+                              .tv_nsec = (long)fmod(ms, 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+
+static int l_startup_now_ms(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushinteger(L, (lua_Integer)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+    return 1;
+}
+
+static const luaL_Reg startup_funcs[] = {
+    {"phase", l_startup_phase},
+    {"dry_run", l_startup_dry_run},
+    {"serving", l_startup_serving},
+    {"sleep", l_startup_sleep},
+    {"now_ms", l_startup_now_ms},
+    {NULL, NULL},
+};
+
+/* ---- the module ---------------------------------------------------------------- */
+
+static void add_section(lua_State *L, runtime *rt, const char *name,
+                        const luaL_Reg *funcs) {
+    lua_newtable(L);
+    lua_pushlightuserdata(L, rt);
+    luaL_setfuncs(L, funcs, 1);
+    lua_setfield(L, -2, name);
+}
+
+int bindings_push(lua_State *L, runtime *rt) {
+    lua_newtable(L);
+    lua_pushstring(L, NETRA_VERSION);
+    lua_setfield(L, -2, "version");
+    lua_pushstring(L, config_environment(rt->cfg));
+    lua_setfield(L, -2, "environment");
+    lua_pushlightuserdata(L, NULL);
+    lua_setfield(L, -2, "null");
+    add_section(L, rt, "config", config_funcs);
+    add_section(L, rt, "log", log_funcs);
+    add_section(L, rt, "health", health_funcs);
+    add_section(L, rt, "startup", startup_funcs);
+    return 1;
+}
+
+static int preload_netra(lua_State *L) {
+    return bindings_push(L, lua_touserdata(L, lua_upvalueindex(1)));
+}
+
+void bindings_preload(lua_State *L, runtime *rt) {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushlightuserdata(L, rt);
+    lua_pushcclosure(L, preload_netra, 1);
+    lua_setfield(L, -2, "netra");
+    lua_pop(L, 1);
+
+    const char *home = config_home(rt->cfg);
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;%s", home, home,
+                    lua_tostring(L, -1));
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 2);
+}

@@ -1,0 +1,53 @@
+/* runtime: what one netra process shares between its parts: the
+ * configuration, the health registry, the server, and the startup phase.
+ *
+ * Threads: the fields are set before any thread starts, except the phase
+ * and the ready flag, which runtime_set_phase guards. */
+#ifndef NETRA_RUNTIME_H
+#define NETRA_RUNTIME_H
+
+#include <pthread.h>
+#include <stdbool.h>
+
+#include "config.h"
+#include "health.h"
+
+struct server;
+
+typedef struct runtime {
+    config *cfg;             /* owned */
+    health_registry *health; /* owned */
+    struct server *server;   /* NULL outside `netra serve` */
+    bool dry_run;            /* `netra check`: decide, never connect */
+
+    pthread_mutex_t lock;    /* guards phase and started */
+    char phase[32];          /* "starting", "policy", ..., "ready" */
+    bool started;            /* the policy finished and startup went on */
+    bool stopping;
+
+    pthread_mutex_t lua_lock; /* held by whoever runs the policy's state */
+} runtime;
+
+/* Returns a runtime owning cfg (already loaded) and a new registry, or
+ * NULL when out of memory (cfg is then freed). */
+runtime *runtime_new(config *cfg);
+
+/* Frees the registry and config; the server must already be gone. */
+void runtime_free(runtime *rt);
+
+/* Sets the phase shown by /health and /health/ready. Can't fail. */
+void runtime_set_phase(runtime *rt, const char *phase);
+
+/* Copies the phase into out. */
+void runtime_phase(runtime *rt, char *out, size_t size);
+
+/* Marks startup finished (ready once required components are healthy)
+ * or the process as stopping (never ready again). */
+void runtime_set_started(runtime *rt);
+void runtime_set_stopping(runtime *rt);
+
+/* True when startup finished, the process is not stopping, and every
+ * required component is healthy. */
+bool runtime_ready(runtime *rt);
+
+#endif

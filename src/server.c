@@ -1,0 +1,649 @@
+/* server: the libwebsockets listener for /health* and /ws (server.h). */
+#include "server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libwebsockets.h>
+#include <openssl/crypto.h>
+
+#include "log.h"
+
+#define TICK_US (250 * 1000)
+#define RECENT_STALL_MS (60 * 1000)
+
+/* One connection: an HTTP request being answered, or a WebSocket. */
+typedef struct conn {
+    struct conn *next, *prev; /* WebSocket list, service thread only */
+    struct lws *wsi;
+    bool is_ws;
+    bool closing;
+    unsigned char *body; /* HTTP answer waiting for WRITEABLE, LWS_PRE */
+    size_t body_len;
+} conn;
+
+struct server {
+    runtime *rt;
+    server_options opts;
+    struct lws_context *ctx;
+    struct lws_vhost *vhost;
+    int port;
+    pthread_t thread, watchdog;
+    bool thread_started, watchdog_started;
+
+    pthread_mutex_t lock; /* start handshake and stall records */
+    pthread_cond_t cond;
+    int start_state; /* 0 pending, 1 listening, -1 failed */
+    char start_err[256];
+    int stall_count;
+    int64_t longest_stall_ms, last_stall_end_ms;
+
+    atomic_llong last_turn_ms;
+    atomic_int connections;
+    atomic_bool stop_requested;
+    atomic_bool watchdog_stop;
+    atomic_bool stall_reported;
+    bool closing_all; /* service thread only */
+    int64_t stop_deadline_ms;
+    conn ws_list; /* sentinel */
+    lws_sorted_usec_list_t tick;
+};
+
+int64_t server_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int server_parse_listen(const char *text, server_options *opts, char *err,
+                        size_t err_size) {
+    const char *colon = strrchr(text, ':');
+    const char *host = text;
+    size_t host_len = colon ? (size_t)(colon - text) : 0;
+    if (host_len >= 2 && host[0] == '[' && host[host_len - 1] == ']') {
+        host++;
+        host_len -= 2;
+    }
+    char *end = NULL;
+    long port = colon ? strtol(colon + 1, &end, 10) : -1;
+    if (!colon || host_len == 0 || host_len >= sizeof opts->host ||
+        !end || *end || end == colon + 1 || port < 0 || port > 65535) {
+        snprintf(err, err_size,
+                 "listen address: expected HOST:PORT (e.g. 127.0.0.1:8080, "
+                 "port 0 for a free one), got '%s'",
+                 text);
+        return -1;
+    }
+    memcpy(opts->host, host, host_len);
+    opts->host[host_len] = '\0';
+    if (!strcmp(opts->host, "localhost"))
+        snprintf(opts->host, sizeof opts->host, "127.0.0.1");
+    struct in6_addr a6;
+    struct in_addr a4;
+    if (inet_pton(AF_INET, opts->host, &a4) != 1 &&
+        inet_pton(AF_INET6, opts->host, &a6) != 1) {
+        snprintf(err, err_size,
+                 "listen address: '%s' is not an IP address - use an IPv4 "
+                 "or IPv6 literal such as 127.0.0.1",
+                 opts->host);
+        return -1;
+    }
+    opts->port = (int)port;
+    return 0;
+}
+
+/* ---- HTTP answers ---------------------------------------------------- */
+
+static bool peer_is_loopback(struct lws *wsi) {
+    char peer[128] = "";
+    lws_get_peer_simple(wsi, peer, sizeof peer);
+    return !strncmp(peer, "127.", 4) || !strcmp(peer, "::1") ||
+           !strncmp(peer, "::ffff:127.", 11);
+}
+
+/* Details beyond status: loopback callers in development and test, and
+ * anyone with Authorization: Bearer <NETRA_ADMIN_TOKEN>. */
+static bool wants_detail(server *srv, struct lws *wsi) {
+    const char *env = config_environment(srv->rt->cfg);
+    bool open_env = !strcmp(env, "development") || !strcmp(env, "test");
+    if (open_env && peer_is_loopback(wsi)) return true;
+
+    const char *token = config_get(srv->rt->cfg, "NETRA_ADMIN_TOKEN");
+    char auth[1024];
+    if (!token ||
+        lws_hdr_copy(wsi, auth, sizeof auth, WSI_TOKEN_HTTP_AUTHORIZATION) <= 0)
+        return false;
+    if (strncmp(auth, "Bearer ", 7)) return false;
+    size_t n = strlen(token);
+    return strlen(auth + 7) == n && CRYPTO_memcmp(auth + 7, token, n) == 0;
+}
+
+/* Writes status line and headers, and keeps the body for WRITEABLE.
+ * Returns 0, or -1 to close the connection. */
+static int answer(conn *c, struct lws *wsi, int status, const char *type,
+                  char *body) {
+    size_t len = strlen(body);
+    unsigned char head[LWS_PRE + 1024];
+    unsigned char *start = head + LWS_PRE, *p = start;
+    unsigned char *end = head + sizeof head - 1;
+
+    if (lws_add_http_common_headers(wsi, (unsigned)status, type, len, &p,
+                                    end) ||
+        lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CACHE_CONTROL,
+                                     (const unsigned char *)"no-store", 8, &p,
+                                     end) ||
+        lws_finalize_write_http_header(wsi, start, &p, end)) {
+        free(body);
+        return -1;
+    }
+    c->body = malloc(LWS_PRE + len + 1);
+    if (!c->body) {
+        free(body);
+        return -1;
+    }
+    memcpy(c->body + LWS_PRE, body, len);
+    c->body_len = len;
+    free(body);
+    lws_callback_on_writable(wsi);
+    return 0;
+}
+
+static char *json_text(cJSON *doc) {
+    char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
+    cJSON_Delete(doc);
+    return text ? text : strdup("{\"status\":\"fail\"}");
+}
+
+static char *simple_doc(const char *status, const char *key, const char *val) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "status", status);
+    if (key) cJSON_AddStringToObject(o, key, val);
+    return json_text(o);
+}
+
+static int answer_health(server *srv, conn *c, struct lws *wsi,
+                         const char *path) {
+    runtime *rt = srv->rt;
+    const char *type = "application/health+json";
+    char phase[64];
+    runtime_phase(rt, phase, sizeof phase);
+    bool detail = wants_detail(srv, wsi);
+
+    if (!strcmp(path, "/health") || !strcmp(path, "/health/")) {
+        cJSON *doc = health_render(rt->health, detail,
+                                   config_environment(rt->cfg), phase);
+        health_status overall = health_overall(rt->health);
+        bool fail = !strcmp(health_status_word(overall), "fail");
+        return answer(c, wsi, fail ? 503 : 200, type, json_text(doc));
+    }
+    if (!strcmp(path, "/health/live")) {
+        /* Answered by the service loop itself: it is alive. */
+        return answer(c, wsi, 200, type, simple_doc("pass", NULL, NULL));
+    }
+    if (!strcmp(path, "/health/ready")) {
+        bool ready = runtime_ready(rt);
+        if (!ready && !strcmp(phase, "ready")) {
+            snprintf(phase, sizeof phase, "ready, but a required component "
+                                          "is not healthy");
+        }
+        return answer(c, wsi, ready ? 200 : 503, type,
+                      simple_doc(ready ? "pass" : "fail", "phase", phase));
+    }
+    const char *name = path + strlen("/health/");
+    cJSON *doc = health_render_component(rt->health, name, detail);
+    if (!doc)
+        return answer(c, wsi, 404, type,
+                      simple_doc("fail", "output", "no such component"));
+    cJSON *st = cJSON_GetObjectItemCaseSensitive(doc, "status");
+    bool fail = cJSON_IsString(st) && !strcmp(st->valuestring, "fail");
+    return answer(c, wsi, fail ? 503 : 200, type, json_text(doc));
+}
+
+static int on_http(server *srv, conn *c, struct lws *wsi, const char *path) {
+    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
+        return answer(c, wsi, 405, "application/json",
+                      simple_doc("fail", "output", "only GET is served"));
+    if (!strncmp(path, "/health", 7) &&
+        (path[7] == '\0' || path[7] == '/'))
+        return answer_health(srv, c, wsi, path);
+    if (!strcmp(path, "/ws"))
+        return answer(c, wsi, 426, "application/json",
+                      simple_doc("fail", "output",
+                                 "/ws speaks WebSocket: send an Upgrade "
+                                 "request"));
+    return answer(c, wsi, 404, "application/json",
+                  simple_doc("fail", "output",
+                             "not found: try /health, /health/live, "
+                             "/health/ready or /ws"));
+}
+
+/* Refuses an upgrade with a complete HTTP answer written at once.
+ * Returns 1, which tells lws the answer was sent. */
+static int refuse_upgrade(struct lws *wsi, int status, const char *why) {
+    char *body = simple_doc("fail", "output", why);
+    size_t len = strlen(body);
+    unsigned char buf[LWS_PRE + 2048];
+    unsigned char *start = buf + LWS_PRE, *p = start;
+    unsigned char *end = buf + sizeof buf - 1;
+    if (len < 1024 &&
+        !lws_add_http_common_headers(wsi, (unsigned)status,
+                                     "application/json", len, &p, end) &&
+        !lws_add_http_header_by_token(wsi, WSI_TOKEN_HTTP_CACHE_CONTROL,
+                                      (const unsigned char *)"no-store", 8,
+                                      &p, end) &&
+        !lws_finalize_http_header(wsi, &p, end)) {
+        memcpy(p, body, len);
+        p += len;
+        lws_write(wsi, start, (size_t)(p - start), LWS_WRITE_HTTP_HEADERS);
+    }
+    free(body);
+    return 1;
+}
+
+static int on_confirm_upgrade(server *srv, struct lws *wsi) {
+    char uri[256] = "";
+    lws_hdr_copy(wsi, uri, sizeof uri, WSI_TOKEN_GET_URI);
+    if (strcmp(uri, "/ws"))
+        return refuse_upgrade(wsi, 404, "WebSocket clients connect to /ws");
+    if (!runtime_ready(srv->rt)) {
+        char phase[32], why[128];
+        runtime_phase(srv->rt, phase, sizeof phase);
+        snprintf(why, sizeof why, "not ready (phase: %s) - retry shortly",
+                 phase);
+        return refuse_upgrade(wsi, 503, why);
+    }
+    return 0;
+}
+
+/* ---- WebSocket connections ------------------------------------------- */
+
+static void ws_link(server *srv, conn *c) {
+    c->next = srv->ws_list.next;
+    c->prev = &srv->ws_list;
+    srv->ws_list.next->prev = c;
+    srv->ws_list.next = c;
+}
+
+static void ws_unlink(conn *c) {
+    if (!c->next) return;
+    c->prev->next = c->next;
+    c->next->prev = c->prev;
+    c->next = c->prev = NULL;
+}
+
+/* Starts closing every WebSocket with 1001 (service thread). */
+static void close_all(server *srv) {
+    for (conn *c = srv->ws_list.next; c != &srv->ws_list; c = c->next) {
+        c->closing = true;
+        lws_callback_on_writable(c->wsi);
+    }
+}
+
+static int on_ws_writeable(conn *c, struct lws *wsi) {
+    if (c->closing) {
+        static const char why[] = "server shutting down";
+        lws_close_reason(wsi, LWS_CLOSE_STATUS_GOINGAWAY,
+                         (unsigned char *)why, sizeof why - 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the callback ------------------------------------------------------ */
+
+static int callback(struct lws *wsi, enum lws_callback_reasons reason,
+                    void *user, void *in, size_t len) {
+    server *srv = lws_context_user(lws_get_context(wsi));
+    conn *c = user;
+
+    switch (reason) {
+    case LWS_CALLBACK_HTTP:
+        memset(c, 0, sizeof *c);
+        return on_http(srv, c, wsi, in ? (const char *)in : "/");
+
+    case LWS_CALLBACK_HTTP_WRITEABLE:
+        if (!c || !c->body) return 0;
+        if (lws_write(wsi, c->body + LWS_PRE, c->body_len,
+                      LWS_WRITE_HTTP_FINAL) < (int)c->body_len) {
+            free(c->body);
+            c->body = NULL;
+            return -1;
+        }
+        free(c->body);
+        c->body = NULL;
+        return lws_http_transaction_completed(wsi) ? -1 : 0;
+
+    case LWS_CALLBACK_CLOSED_HTTP:
+    case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
+        if (c && c->body) {
+            free(c->body);
+            c->body = NULL;
+        }
+        return 0;
+
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+        return on_confirm_upgrade(srv, wsi);
+
+    case LWS_CALLBACK_ESTABLISHED:
+        memset(c, 0, sizeof *c);
+        c->wsi = wsi;
+        c->is_ws = true;
+        ws_link(srv, c);
+        atomic_fetch_add(&srv->connections, 1);
+        if (srv->closing_all) {
+            c->closing = true;
+            lws_callback_on_writable(wsi);
+        }
+        return 0;
+
+    case LWS_CALLBACK_SERVER_WRITEABLE:
+        return on_ws_writeable(c, wsi);
+
+    case LWS_CALLBACK_RECEIVE:
+        (void)in;
+        (void)len;
+        return 0;
+
+    case LWS_CALLBACK_CLOSED:
+        if (c && c->is_ws) {
+            ws_unlink(c);
+            c->is_ws = false;
+            atomic_fetch_sub(&srv->connections, 1);
+        }
+        return 0;
+
+    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        if (srv && atomic_load(&srv->stop_requested) && !srv->closing_all) {
+            srv->closing_all = true;
+            close_all(srv);
+        }
+        return 0;
+
+    default:
+        return 0;
+    }
+}
+
+static const struct lws_protocols protocols[] = {
+    {"mcp", callback, sizeof(conn), 65536, 0, NULL, 0},
+    {NULL, NULL, 0, 0, 0, NULL, 0},
+};
+
+/* ---- service loop and watchdog ------------------------------------------ */
+
+/* Records that the loop turned; notes a stall that just ended. */
+static void on_tick(lws_sorted_usec_list_t *sul) {
+    server *srv = lws_container_of(sul, server, tick);
+    int64_t now = server_now_ms();
+    int64_t gap = now - atomic_load(&srv->last_turn_ms);
+    atomic_store(&srv->last_turn_ms, now);
+    if (gap >= srv->opts.stall_ms) {
+        pthread_mutex_lock(&srv->lock);
+        srv->stall_count++;
+        if (gap > srv->longest_stall_ms) srv->longest_stall_ms = gap;
+        srv->last_stall_end_ms = now;
+        pthread_mutex_unlock(&srv->lock);
+        atomic_store(&srv->stall_reported, false);
+        log_msg(NLOG_WARN, "server",
+                "service loop turned again after a stall of %lld ms",
+                (long long)gap);
+    }
+    lws_sul_schedule(srv->ctx, 0, &srv->tick, on_tick, TICK_US);
+}
+
+static void *watchdog_main(void *arg) {
+    server *srv = arg;
+    while (!atomic_load(&srv->watchdog_stop)) {
+        usleep(100 * 1000);
+        int64_t silent = server_now_ms() - atomic_load(&srv->last_turn_ms);
+        if (silent >= srv->opts.stall_ms &&
+            !atomic_exchange(&srv->stall_reported, true))
+            log_msg(NLOG_ERROR, "watchdog",
+                    "service loop has not turned for %lld ms - HTTP and "
+                    "WebSocket clients are not being served",
+                    (long long)silent);
+    }
+    return NULL;
+}
+
+static void set_start_state(server *srv, int state, const char *why) {
+    pthread_mutex_lock(&srv->lock);
+    srv->start_state = state;
+    if (why) snprintf(srv->start_err, sizeof srv->start_err, "%s", why);
+    pthread_cond_broadcast(&srv->cond);
+    pthread_mutex_unlock(&srv->lock);
+}
+
+static void *service_main(void *arg) {
+    server *srv = arg;
+    struct lws_context_creation_info info;
+    memset(&info, 0, sizeof info);
+    info.port = srv->opts.port;
+    info.iface = srv->opts.host;
+    info.protocols = protocols;
+    info.user = srv;
+    info.max_http_header_data = (unsigned short)srv->opts.max_header_bytes;
+    info.options = LWS_SERVER_OPTION_VALIDATE_UTF8;
+    /* An IPv4 iface on an IPv6 build would listen everywhere. */
+    if (!strchr(srv->opts.host, ':'))
+        info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
+    lws_set_log_level(LLL_ERR, NULL);
+
+    srv->ctx = lws_create_context(&info);
+    srv->vhost = srv->ctx ? lws_get_vhost_by_name(srv->ctx, "default") : NULL;
+    srv->port = srv->vhost ? lws_get_vhost_listen_port(srv->vhost) : -1;
+    if (!srv->ctx || srv->port <= 0) {
+        char why[200];
+        snprintf(why, sizeof why,
+                 "cannot listen on %s:%d - is the port in use or the address "
+                 "not on this machine? Choose another with --listen",
+                 srv->opts.host, srv->opts.port);
+        if (srv->ctx) lws_context_destroy(srv->ctx);
+        srv->ctx = NULL;
+        set_start_state(srv, -1, why);
+        return NULL;
+    }
+    atomic_store(&srv->last_turn_ms, server_now_ms());
+    lws_sul_schedule(srv->ctx, 0, &srv->tick, on_tick, TICK_US);
+    set_start_state(srv, 1, NULL);
+
+    for (;;) {
+        if (lws_service(srv->ctx, 0) < 0) break;
+        if (srv->closing_all &&
+            (atomic_load(&srv->connections) == 0 ||
+             server_now_ms() >= srv->stop_deadline_ms))
+            break;
+    }
+    lws_sul_cancel(&srv->tick);
+    lws_context_destroy(srv->ctx);
+    srv->ctx = NULL;
+    return NULL;
+}
+
+server *server_start(runtime *rt, const server_options *opts, char *err,
+                     size_t err_size) {
+    server *srv = calloc(1, sizeof *srv);
+    if (!srv) {
+        snprintf(err, err_size, "out of memory");
+        return NULL;
+    }
+    srv->rt = rt;
+    srv->opts = *opts;
+    if (srv->opts.stall_ms <= 0) srv->opts.stall_ms = 2000;
+    if (srv->opts.max_header_bytes <= 0) srv->opts.max_header_bytes = 16384;
+    srv->ws_list.next = srv->ws_list.prev = &srv->ws_list;
+    pthread_mutex_init(&srv->lock, NULL);
+    pthread_cond_init(&srv->cond, NULL);
+
+    if (pthread_create(&srv->thread, NULL, service_main, srv)) {
+        snprintf(err, err_size, "cannot start the service thread: %s",
+                 strerror(errno));
+        server_free(srv);
+        return NULL;
+    }
+    srv->thread_started = true;
+    pthread_mutex_lock(&srv->lock);
+    while (srv->start_state == 0) pthread_cond_wait(&srv->cond, &srv->lock);
+    pthread_mutex_unlock(&srv->lock);
+    if (srv->start_state < 0) {
+        snprintf(err, err_size, "%s", srv->start_err);
+        server_free(srv);
+        return NULL;
+    }
+    if (!pthread_create(&srv->watchdog, NULL, watchdog_main, srv))
+        srv->watchdog_started = true;
+    return srv;
+}
+
+int server_port(const server *srv) {
+    return srv->port;
+}
+
+int64_t server_last_turn_ms(const server *srv) {
+    return atomic_load(&((server *)srv)->last_turn_ms);
+}
+
+int server_connections(const server *srv) {
+    return atomic_load(&((server *)srv)->connections);
+}
+
+void server_stop(server *srv, int grace_ms) {
+    if (!srv || !srv->thread_started) return;
+    srv->stop_deadline_ms = server_now_ms() + (grace_ms > 0 ? grace_ms : 0);
+    atomic_store(&srv->stop_requested, true);
+    if (srv->ctx) lws_cancel_service(srv->ctx);
+    pthread_join(srv->thread, NULL);
+    srv->thread_started = false;
+    if (srv->watchdog_started) {
+        atomic_store(&srv->watchdog_stop, true);
+        pthread_join(srv->watchdog, NULL);
+        srv->watchdog_started = false;
+    }
+}
+
+void server_free(server *srv) {
+    if (!srv) return;
+    server_stop(srv, 0);
+    pthread_mutex_destroy(&srv->lock);
+    pthread_cond_destroy(&srv->cond);
+    free(srv);
+}
+
+/* ---- the bridge component ------------------------------------------------ */
+
+/* Connects to the listener with a short timeout. Returns 0 or errno. */
+static int probe_listener(const server *srv) {
+    bool v6 = strchr(srv->opts.host, ':') != NULL;
+    int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) return errno;
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    socklen_t sl;
+    if (v6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)srv->port);
+        inet_pton(AF_INET6, srv->opts.host, &a->sin6_addr);
+        sl = sizeof *a;
+    } else {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)srv->port);
+        const char *h = strcmp(srv->opts.host, "0.0.0.0") ? srv->opts.host
+                                                          : "127.0.0.1";
+        inet_pton(AF_INET, h, &a->sin_addr);
+        sl = sizeof *a;
+    }
+    int rc = 0;
+    if (connect(fd, (struct sockaddr *)&ss, sl) < 0) {
+        rc = errno;
+        if (rc == EINPROGRESS) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            rc = poll(&pfd, 1, 1000) == 1 ? 0 : ETIMEDOUT;
+            if (!rc) {
+                int so = 0;
+                socklen_t sol = sizeof so;
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &so, &sol);
+                rc = so;
+            }
+        }
+    }
+    close(fd);
+    return rc;
+}
+
+health_status server_bridge_check(void *ud, char *message, size_t size,
+                                  cJSON **observed) {
+    server *srv = ud;
+    int64_t now = server_now_ms();
+    int64_t silent = now - server_last_turn_ms(srv);
+    int connections = server_connections(srv);
+
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "connections", connections);
+    cJSON_AddNumberToObject(o, "runs_in_flight", 0);
+    cJSON_AddNumberToObject(o, "loop_silent_ms", (double)silent);
+    *observed = o;
+
+    int rc = srv->thread_started ? probe_listener(srv) : ECONNREFUSED;
+    if (rc) {
+        snprintf(message, size, "listener %s:%d does not accept: %s",
+                 srv->opts.host, srv->port, strerror(rc));
+        return HEALTH_UNHEALTHY;
+    }
+    if (silent >= srv->opts.stall_ms) {
+        snprintf(message, size,
+                 "service loop has not turned for %lld ms (stalled)",
+                 (long long)silent);
+        return HEALTH_UNHEALTHY;
+    }
+
+    pthread_mutex_lock(&srv->lock);
+    int stalls = srv->stall_count;
+    int64_t longest = srv->longest_stall_ms, last_end = srv->last_stall_end_ms;
+    pthread_mutex_unlock(&srv->lock);
+    cJSON_AddNumberToObject(o, "stalls", stalls);
+    if (stalls && now - last_end < RECENT_STALL_MS) {
+        snprintf(message, size,
+                 "listening on %s:%d; the service loop stalled %d time(s), "
+                 "longest %lld ms, last one ended %lld ms ago",
+                 srv->opts.host, srv->port, stalls, (long long)longest,
+                 (long long)(now - last_end));
+        return HEALTH_DEGRADED;
+    }
+    snprintf(message, size,
+             "listening on %s:%d; service loop turned %lld ms ago; %d "
+             "connection(s)%s",
+             srv->opts.host, srv->port, (long long)silent, connections,
+             stalls ? "; earlier stalls recovered" : "");
+    return HEALTH_HEALTHY;
+}
+
+int server_register_bridge(server *srv, const health_spec *schedule,
+                           char *err, size_t err_size) {
+    health_spec spec;
+    if (schedule) spec = *schedule;
+    else memset(&spec, 0, sizeof spec);
+    spec.name = "agent_websocket_bridge";
+    if (!spec.type) spec.type = "component";
+    if (!spec.measurement) spec.measurement = "connections";
+    spec.check = server_bridge_check;
+    spec.ud = srv;
+    spec.ud_free = NULL;
+    if (!schedule) {
+        spec.required = true;
+        spec.interval_ms = 1000;
+        spec.timeout_ms = 1500;
+    }
+    return health_register(srv->rt->health, &spec, err, err_size);
+}
