@@ -19,19 +19,10 @@ set(NETRA_TEST_ENV
   "NETRA_TEST_DIR=${NETRA_TEST_DIR}"
   "NETRA_TEST_CLICKHOUSE=${NETRA_TEST_DIR}/clickhouse/address"
   "NETRA_SHARED_DIR=${PROJECT_SOURCE_DIR}/../shared"
-  "LUA_PATH=${PROJECT_SOURCE_DIR}/lua/?.lua;${PROJECT_SOURCE_DIR}/lua/?/init.lua;${PROJECT_SOURCE_DIR}/spec/?.lua;;"
-  "LUA_CPATH=${CMAKE_BINARY_DIR}/?.so;;")
+  "NETRA_BUILD_DIR=${CMAKE_BINARY_DIR}"
+  "CC=${CMAKE_C_COMPILER}")
 if(NETRA_SANITIZE)
-  # Debian's lua5.4 is not built with ASan: the runtimes must come first
-  # (see REFERENCE.md). The interpreter's own exit skips lua_close, so
-  # leak reports there are noise.
-  execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=libasan.so
-                  OUTPUT_VARIABLE ASAN_LIB OUTPUT_STRIP_TRAILING_WHITESPACE)
-  execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=libubsan.so
-                  OUTPUT_VARIABLE UBSAN_LIB OUTPUT_STRIP_TRAILING_WHITESPACE)
-  set(NETRA_LUA_ENV "LD_PRELOAD=${ASAN_LIB}:${UBSAN_LIB}"
-      "ASAN_OPTIONS=detect_leaks=0:abort_on_error=1"
-      "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1")
+  # spec/support/busted.sh preloads the sanitizer runtimes for lua5.4.
   list(APPEND NETRA_TEST_ENV "NETRA_SANITIZE=1"
        "UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1")
 endif()
@@ -73,11 +64,10 @@ foreach(spec ${NETRA_SPECS})
   get_filename_component(base ${spec} NAME_WE)
   string(REPLACE "_spec" "" part ${base})
   add_test(NAME lua_${part}
-    COMMAND ${LUA_INTERPRETER} ${BUSTED}
-            --no-auto-insulate -o utfTerminal ${spec}
+    COMMAND ${PROJECT_SOURCE_DIR}/spec/support/busted.sh ${spec}
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
   set_tests_properties(lua_${part} PROPERTIES
-    ENVIRONMENT "${NETRA_TEST_ENV};${NETRA_LUA_ENV}" TIMEOUT 600)
+    ENVIRONMENT "${NETRA_TEST_ENV}" TIMEOUT 600)
   netra_test_needs(lua_${part} ${spec})
 endforeach()
 

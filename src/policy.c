@@ -1,6 +1,7 @@
 /* policy: the startup policy's Lua state (see policy.h). */
 #include "policy.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,35 @@ static void policy_file(runtime *rt, char *out, size_t size) {
     else snprintf(out, size, "%s/lua/netra/policy.lua", config_home(rt->cfg));
 }
 
+/* Loads a Lua file as text, named in messages by its path relative to
+ * home when it lies there (lua/netra/policy.lua:12: ...). */
+static int load_text_file(lua_State *L, const char *path, const char *home) {
+    size_t hl = strlen(home);
+    const char *shown = path;
+    if (!strncmp(path, home, hl) && path[hl] == '/') shown = path + hl + 1;
+
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
+        return LUA_ERRFILE;
+    }
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    char chunk[4096];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        luaL_addlstring(&b, chunk, n);
+    fclose(f);
+    luaL_pushresult(&b);
+    size_t len;
+    const char *text = lua_tolstring(L, -1, &len);
+    lua_pushfstring(L, "@%s", shown);
+    int rc = luaL_loadbufferx(L, text, len, lua_tostring(L, -1), "t");
+    lua_remove(L, -2); /* chunk name */
+    lua_remove(L, -2); /* text */
+    return rc;
+}
+
 policy *policy_open(runtime *rt, char *err, size_t err_size) {
     policy *p = calloc(1, sizeof *p);
     if (!p || !(p->L = luaL_newstate())) {
@@ -48,7 +78,7 @@ policy *policy_open(runtime *rt, char *err, size_t err_size) {
     bindings_preload(L, rt);
     lua_pushcfunction(L, traceback);
     int handler = lua_gettop(L);
-    int rc = luaL_loadfilex(L, p->path, "t");
+    int rc = load_text_file(L, p->path, config_home(rt->cfg));
     if (rc == LUA_OK) rc = lua_pcall(L, 0, 1, handler);
     if (rc != LUA_OK) {
         snprintf(err, err_size, "policy %s failed to load: %s", p->path,

@@ -71,7 +71,8 @@ policy.components.clickhouse = {
     if netra.config.get("CLICKHOUSE_REQUIRED") then
       why = setting_text("CLICKHOUSE_REQUIRED")
     else
-      why = ("the gating table's default for %s"):format(env)
+      why = ("CLICKHOUSE_REQUIRED=%s (the gating table's default for %s)"):format(
+        tostring(required), env)
     end
     if not clickhouse_configured() then
       if required then
@@ -85,7 +86,7 @@ policy.components.clickhouse = {
       end
       return {
         state = "disabled",
-        reason = "not configured and CLICKHOUSE_REQUIRED=false - " .. why,
+        reason = "not configured and " .. why,
       }
     end
     return { state = required and "required" or "optional", reason = why }
@@ -130,7 +131,8 @@ policy.settings = {
       elseif rules.jwt_secret == "warn" then
         return {
           severity = "warning",
-          problem = ("NETRA_JWT_SECRET is not set; in %s every /ws client will be refused"):format(env),
+          problem = ("NETRA_JWT_SECRET is not set; in %s every /ws client will be refused")
+            :format(env),
           advice = "set NETRA_JWT_SECRET so that clients can authenticate",
         }
       end

@@ -48,7 +48,7 @@ local function env_prefix(env)
   local parts = { "env" }
   for k, v in pairs(env or {}) do
     if v == false then
-      parts[#parts + 1] = "-u " .. k
+      table.insert(parts, 2, "-u " .. k)
     else
       parts[#parts + 1] = k .. "=" .. shell_quote(v)
     end
