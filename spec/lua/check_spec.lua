@@ -87,7 +87,8 @@ describe("configuration", function()
     assert.equal(1, code, out)
     assert.matches("CLICKHOUSE_REQUIRED=true (config/test.env)", out, 1, true)
     -- the flag names the environment even when ENVIRONMENT says otherwise.
-    local _, env_out = proc.run("check --env test", { NETRA_HOME = dir, ENVIRONMENT = "production" })
+    local _, env_out = proc.run("check --env test",
+      { NETRA_HOME = dir, ENVIRONMENT = "production" })
     assert.matches("environment: test (flag)", env_out, 1, true)
   end)
 
