@@ -392,7 +392,7 @@ static void test_aggregation_table(void **state) {
         const agg_row *row = &agg_rows[r];
         health_registry *reg = health_new();
         for (int i = 0; i < row->n; i++) {
-            char name[8];
+            char name[16];
             snprintf(name, sizeof name, "c%d", i);
             health_spec spec = basic_spec(name, row->comps[i].required);
             add(reg, &spec);
