@@ -277,8 +277,8 @@ int config_read_file(config *cfg, const char *path, char *err,
 }
 
 static bool has_policy(const char *dir) {
-    char path[PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/lua/netra/policy.lua", dir);
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%.*s/lua/netra/policy.lua", PATH_MAX, dir);
     return access(path, R_OK) == 0;
 }
 
@@ -299,6 +299,22 @@ static int find_home(config *cfg, char *err, size_t err_size) {
     if (getcwd(cwd, sizeof cwd) && has_policy(cwd)) {
         snprintf(cfg->home, sizeof cfg->home, "%s", cwd);
         return 0;
+    }
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = '\0';
+            char prefix[PATH_MAX + 32];
+            snprintf(prefix, sizeof prefix, "%s/../share/netra", exe);
+            char real[PATH_MAX];
+            if (has_policy(prefix) && realpath(prefix, real)) {
+                snprintf(cfg->home, sizeof cfg->home, "%s", real);
+                return 0;
+            }
+        }
     }
     if (has_policy(NETRA_DATADIR)) {
         snprintf(cfg->home, sizeof cfg->home, "%s", NETRA_DATADIR);
