@@ -620,7 +620,8 @@ static health_comp *comp_new(const health_spec *spec) {
     if (spec->max_age_ms > 0)
         c->max_age_ms = spec->max_age_ms;
     else if (spec->max_age_ms == 0 && spec->check)
-        c->max_age_ms = 3 * c->interval_ms + c->timeout_ms;
+        c->max_age_ms =
+            (int)fmin(3.0 * c->interval_ms + c->timeout_ms, (double)INT32_MAX);
     else
         c->max_age_ms = -1;
 

@@ -527,11 +527,12 @@ static void test_set_applies_at_once_and_resets(void **state) {
 
 static void test_max_age_reads_unknown(void **state) {
     health_registry *reg = health_new();
-    health_spec spec = {.name = "queue", .required = true, .max_age_ms = 60};
+    health_spec spec = {.name = "queue", .required = true, .max_age_ms = 200};
     add(reg, &spec);
-    spec = (health_spec){.name = "search", .max_age_ms = 60};
+    spec = (health_spec){.name = "search", .max_age_ms = 200};
     add(reg, &spec);
-    spec = (health_spec){.name = "warming", .required = true, .max_age_ms = 60};
+    spec =
+        (health_spec){.name = "warming", .required = true, .max_age_ms = 200};
     add(reg, &spec);
     spec = (health_spec){.name = "pushed"}; /* no check: never expires */
     add(reg, &spec);
@@ -546,7 +547,7 @@ static void test_max_age_reads_unknown(void **state) {
     sleep_ms(100);
     health_info info = info_of(reg, "queue");
     assert_int_equal(info.status, HEALTH_UNKNOWN);
-    assert_non_null(strstr(info.message, "maximum age 60 ms"));
+    assert_non_null(strstr(info.message, "maximum age 200 ms"));
     assert_non_null(strstr(info.message, "consumer attached"));
     assert_int_equal(status_of(reg, "search"), HEALTH_DISABLED);
     assert_int_equal(status_of(reg, "warming"), HEALTH_STARTING);
@@ -670,7 +671,7 @@ static void test_hung_check_blocks_nothing(void **state) {
                         .ud_free = gate_free,
                         .interval_ms = 20,
                         .timeout_ms = 50,
-                        .max_age_ms = 300};
+                        .max_age_ms = 600};
     add(reg, &spec);
     static script s = {.status = HEALTH_HEALTHY};
     health_spec other = {.name = "fine",
