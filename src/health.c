@@ -80,7 +80,7 @@ typedef struct health_comp {
     int64_t last_wall;  /* Unix ms of the last result, 0 if none */
     double duration_ms;
     uint64_t runs;
-    health_run *run; /* in flight, or NULL */
+    health_run *run;  /* in flight, or NULL */
     int64_t next_due; /* monotonic ms */
 } health_comp;
 
@@ -136,8 +136,7 @@ static bool status_valid(health_status s) {
 }
 
 static bool status_failing(health_status s) {
-    return s == HEALTH_DEGRADED || s == HEALTH_UNHEALTHY ||
-           s == HEALTH_UNKNOWN;
+    return s == HEALTH_DEGRADED || s == HEALTH_UNHEALTHY || s == HEALTH_UNKNOWN;
 }
 
 static const char *const status_names[] = {
@@ -294,8 +293,7 @@ static void comp_record(health_comp *c, health_status st, const char *message,
     } else if (st == HEALTH_HEALTHY) {
         c->fails = 0;
         c->successes++;
-        apply = c->status == HEALTH_HEALTHY ||
-                c->successes >= c->recover_after;
+        apply = c->status == HEALTH_HEALTHY || c->successes >= c->recover_after;
     } else {
         c->successes = 0;
         c->fails++;
@@ -316,8 +314,8 @@ static void *run_main(void *arg) {
     cJSON *observed = NULL;
 
     int64_t t0 = mono_us();
-    health_status st = run->check(run->ud->ud, run->message,
-                                  sizeof run->message, &observed);
+    health_status st =
+        run->check(run->ud->ud, run->message, sizeof run->message, &observed);
     double duration_ms = (double)(mono_us() - t0) / 1000.0;
 
     pthread_mutex_lock(&reg->lock);
@@ -398,8 +396,7 @@ static void run_collect_locked(health_comp *c, int64_t now) {
 
     if (!run->timed_out && now >= run->deadline) {
         char msg[64];
-        snprintf(msg, sizeof msg, "check timed out after %d ms",
-                 c->timeout_ms);
+        snprintf(msg, sizeof msg, "check timed out after %d ms", c->timeout_ms);
         run->timed_out = true;
         comp_record(c, HEALTH_UNHEALTHY, msg, NULL, c->timeout_ms, now);
     }
@@ -501,8 +498,10 @@ void health_free(health_registry *reg) {
     health_ud **uds = calloc(n ? n : 1, sizeof *uds);
     for (size_t i = 0; i < n; i++) {
         health_ud *ud = comp_detach_locked(comps[i]);
-        if (uds) uds[i] = ud;
-        else if (ud) ud->ud_free = NULL; /* out of memory: leak, safely */
+        if (uds)
+            uds[i] = ud;
+        else if (ud)
+            ud->ud_free = NULL; /* out of memory: leak, safely */
     }
     reg->comps = NULL;
     reg->ncomps = 0;
@@ -510,7 +509,8 @@ void health_free(health_registry *reg) {
     bool last = --reg->refs == 0;
     pthread_mutex_unlock(&reg->lock);
 
-    for (size_t i = 0; i < n; i++) comp_free(comps[i], uds ? uds[i] : NULL);
+    for (size_t i = 0; i < n; i++)
+        comp_free(comps[i], uds ? uds[i] : NULL);
     free(uds);
     free(comps);
     if (last) reg_destroy(reg);
@@ -575,8 +575,8 @@ static bool spec_valid(const health_spec *spec, char *err, size_t n) {
                  spec->name);
         return false;
     }
-    if (spec->interval_ms < 0 || spec->timeout_ms < 0 ||
-        spec->fail_after < 0 || spec->recover_after < 0) {
+    if (spec->interval_ms < 0 || spec->timeout_ms < 0 || spec->fail_after < 0 ||
+        spec->recover_after < 0) {
         snprintf(err, n,
                  "health: component '%s' has a negative interval_ms, "
                  "timeout_ms, fail_after or recover_after - use 0 for the "
@@ -608,8 +608,8 @@ static health_comp *comp_new(const health_spec *spec) {
              spec->measurement ? spec->measurement : "status");
     snprintf(c->unit, sizeof c->unit, "%s", spec->unit ? spec->unit : "");
     c->required = spec->required;
-    c->interval_ms = spec->interval_ms ? spec->interval_ms
-                                       : DEFAULT_INTERVAL_MS;
+    c->interval_ms =
+        spec->interval_ms ? spec->interval_ms : DEFAULT_INTERVAL_MS;
     c->timeout_ms = spec->timeout_ms ? spec->timeout_ms : DEFAULT_TIMEOUT_MS;
     c->fail_after = spec->fail_after ? spec->fail_after : 1;
     c->recover_after = spec->recover_after ? spec->recover_after : 1;
@@ -620,7 +620,8 @@ static health_comp *comp_new(const health_spec *spec) {
     if (spec->max_age_ms > 0)
         c->max_age_ms = spec->max_age_ms;
     else if (spec->max_age_ms == 0 && spec->check)
-        c->max_age_ms = 3 * c->interval_ms + c->timeout_ms;
+        c->max_age_ms =
+            (int)fmin(3.0 * c->interval_ms + c->timeout_ms, (double)INT32_MAX);
     else
         c->max_age_ms = -1;
 
@@ -639,8 +640,8 @@ static bool comps_reserve_locked(health_registry *reg) {
     return true;
 }
 
-int health_register(health_registry *reg, const health_spec *spec,
-                    char *err, size_t err_size) {
+int health_register(health_registry *reg, const health_spec *spec, char *err,
+                    size_t err_size) {
     char scratch[8];
     if (!err || err_size == 0) {
         err = scratch;
@@ -806,8 +807,8 @@ int health_start(health_registry *reg) {
     if (rc == 0) reg->checker_on = true;
     pthread_mutex_unlock(&reg->lock);
     if (rc != 0) {
-        log_msg(NLOG_ERROR, "Health",
-                "could not start the checker thread: %s", strerror(rc));
+        log_msg(NLOG_ERROR, "Health", "could not start the checker thread: %s",
+                strerror(rc));
         errno = rc;
         return -1;
     }
@@ -873,7 +874,8 @@ void health_run_all(health_registry *reg) {
         wait_until_locked(reg, next);
     }
 
-    for (size_t i = 0; i < count; i++) run_unref_locked(mine[i]);
+    for (size_t i = 0; i < count; i++)
+        run_unref_locked(mine[i]);
     pthread_mutex_unlock(&reg->lock);
     free(mine);
 }
@@ -915,8 +917,8 @@ static void put_time(cJSON *obj, const char *key, int64_t wall, bool *ok) {
 }
 
 /* Adds "<name>:<measurement>": [{componentType, status, ...}] to checks. */
-static void put_check(cJSON *checks, const health_comp *c,
-                      const health_view *v, bool *ok) {
+static void put_check(cJSON *checks, const health_comp *c, const health_view *v,
+                      bool *ok) {
     char key[2 * HEALTH_TEXT_MAX];
     snprintf(key, sizeof key, "%s:%s", c->name, c->measurement);
     cJSON *list = cJSON_CreateArray();
@@ -942,8 +944,8 @@ static void put_check(cJSON *checks, const health_comp *c,
 }
 
 /* Fills o with netra's own fields for c. */
-static void put_netra_comp(cJSON *o, const health_comp *c,
-                           const health_view *v, bool *ok) {
+static void put_netra_comp(cJSON *o, const health_comp *c, const health_view *v,
+                           bool *ok) {
     if (!o) return;
     put_str(o, "status", health_status_name(v->status), ok);
     put(o, "required", cJSON_CreateBool(c->required), ok);
@@ -951,12 +953,11 @@ static void put_netra_comp(cJSON *o, const health_comp *c,
     put_time(o, "last_check", c->last_wall, ok);
     put_ms(o, "duration_ms", c->duration_ms, ok);
     put_str(o, "component_type", c->type, ok);
-    if (c->observed)
-        put(o, "observed", cJSON_Duplicate(c->observed, true), ok);
+    if (c->observed) put(o, "observed", cJSON_Duplicate(c->observed, true), ok);
 }
 
-cJSON *health_render(health_registry *reg, bool detail,
-                     const char *environment, const char *phase) {
+cJSON *health_render(health_registry *reg, bool detail, const char *environment,
+                     const char *phase) {
     cJSON *doc = cJSON_CreateObject();
     if (!doc) return NULL;
     bool ok = true;

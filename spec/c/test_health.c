@@ -33,12 +33,13 @@ static void sleep_ms(int ms) {
 }
 
 /* Polls until cond holds or `ms` pass; evaluates to whether it held. */
-#define WAIT_FOR(cond, ms)                                                   \
-    ({                                                                       \
-        int64_t until_ = now_ms() + (ms);                                    \
-        bool held_ = false;                                                  \
-        while (!(held_ = (cond)) && now_ms() < until_) sleep_ms(2);          \
-        held_;                                                               \
+#define WAIT_FOR(cond, ms)                                                     \
+    ({                                                                         \
+        int64_t until_ = now_ms() + (ms);                                      \
+        bool held_ = false;                                                    \
+        while (!(held_ = (cond)) && now_ms() < until_)                         \
+            sleep_ms(2);                                                       \
+        held_;                                                                 \
     })
 
 static health_info info_of(health_registry *reg, const char *name) {
@@ -167,8 +168,7 @@ static const cJSON *check_entry(const cJSON *doc, const char *key) {
 
 static const cJSON *netra_comp(const cJSON *doc, const char *name) {
     const cJSON *netra = cJSON_GetObjectItemCaseSensitive(doc, "netra");
-    const cJSON *comps = cJSON_GetObjectItemCaseSensitive(netra,
-                                                          "components");
+    const cJSON *comps = cJSON_GetObjectItemCaseSensitive(netra, "components");
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(comps, name);
     assert_non_null(c);
     return c;
@@ -181,9 +181,9 @@ static void assert_recent_time(const char *text) {
     struct tm tm = {0};
     int ms = -1;
     char z = 0;
-    assert_int_equal(sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d.%3d%c",
-                            &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-                            &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms, &z),
+    assert_int_equal(sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d.%3d%c", &tm.tm_year,
+                            &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
+                            &tm.tm_sec, &ms, &z),
                      8);
     assert_int_equal(z, 'Z');
     assert_in_range(ms, 0, 999);
@@ -194,8 +194,8 @@ static void assert_recent_time(const char *text) {
 }
 
 static health_spec basic_spec(const char *name, bool required) {
-    health_spec spec = {.name = name, .type = "component",
-                        .required = required};
+    health_spec spec = {
+        .name = name, .type = "component", .required = required};
     return spec;
 }
 
@@ -231,13 +231,15 @@ static void test_register_rejects_bad_specs(void **state) {
     char long_name[65];
     memset(long_name, 'a', 64);
     long_name[64] = '\0';
-    const char *bad_names[] = {"", "Upper", "has-dash", "has space",
+    const char *bad_names[] = {"",        "Upper",   "has-dash", "has space",
                                "dot.ted", long_name, NULL};
     char err[256];
 
     for (size_t i = 0; i < sizeof bad_names / sizeof *bad_names; i++) {
-        health_spec spec = {.name = bad_names[i], .check = script_check,
-                            .ud = &s, .ud_free = script_free};
+        health_spec spec = {.name = bad_names[i],
+                            .check = script_check,
+                            .ud = &s,
+                            .ud_free = script_free};
         err[0] = '\0';
         assert_int_equal(health_register(reg, &spec, err, sizeof err), -1);
         assert_non_null(strstr(err, "is not valid"));
@@ -291,9 +293,9 @@ static void test_names_order_and_unknown_names(void **state) {
     assert_int_equal(health_remove(reg, "cache"), -1);
     health_info info;
     assert_int_equal(health_get(reg, "nope", &info), -1);
-    assert_int_equal(health_set(reg, "nope", HEALTH_HEALTHY, "x",
-                                cJSON_CreateNumber(1)),
-                     -1);
+    assert_int_equal(
+        health_set(reg, "nope", HEALTH_HEALTHY, "x", cJSON_CreateNumber(1)),
+        -1);
     assert_null(health_render_component(reg, "nope", true));
 
     names = health_names(reg);
@@ -312,8 +314,8 @@ static void test_names_order_and_unknown_names(void **state) {
 static void test_ud_free_on_replace_remove_free(void **state) {
     health_registry *reg = health_new();
     script a = {0}, b = {0}, c = {0}, d = {0};
-    health_spec spec = {.name = "one", .check = script_check, .ud = &a,
-                        .ud_free = script_free};
+    health_spec spec = {
+        .name = "one", .check = script_check, .ud = &a, .ud_free = script_free};
     add(reg, &spec);
 
     spec.ud = &b; /* replaces "one": a goes */
@@ -353,8 +355,7 @@ static const agg_row agg_rows[] = {
     {"empty", 0, {{0}}, HEALTH_HEALTHY, true},
     {"req healthy", 1, {{true, HEALTH_HEALTHY}}, HEALTH_HEALTHY, true},
     {"req degraded", 1, {{true, HEALTH_DEGRADED}}, HEALTH_DEGRADED, true},
-    {"req unhealthy", 1, {{true, HEALTH_UNHEALTHY}}, HEALTH_UNHEALTHY,
-     false},
+    {"req unhealthy", 1, {{true, HEALTH_UNHEALTHY}}, HEALTH_UNHEALTHY, false},
     {"req unknown", 1, {{true, HEALTH_UNKNOWN}}, HEALTH_UNHEALTHY, false},
     {"req starting", 1, {{true, HEALTH_STARTING}}, HEALTH_UNHEALTHY, false},
     {"req disabled", 1, {{true, HEALTH_DISABLED}}, HEALTH_HEALTHY, true},
@@ -364,26 +365,40 @@ static const agg_row agg_rows[] = {
     {"opt unknown", 1, {{false, HEALTH_UNKNOWN}}, HEALTH_DEGRADED, true},
     {"opt starting", 1, {{false, HEALTH_STARTING}}, HEALTH_HEALTHY, true},
     {"opt disabled", 1, {{false, HEALTH_DISABLED}}, HEALTH_HEALTHY, true},
-    {"req ok + opt unhealthy", 2,
+    {"req ok + opt unhealthy",
+     2,
      {{true, HEALTH_HEALTHY}, {false, HEALTH_UNHEALTHY}},
-     HEALTH_DEGRADED, true},
-    {"req unhealthy + opt ok", 2,
+     HEALTH_DEGRADED,
+     true},
+    {"req unhealthy + opt ok",
+     2,
      {{true, HEALTH_UNHEALTHY}, {false, HEALTH_HEALTHY}},
-     HEALTH_UNHEALTHY, false},
-    {"req degraded + opt unknown", 2,
+     HEALTH_UNHEALTHY,
+     false},
+    {"req degraded + opt unknown",
+     2,
      {{true, HEALTH_DEGRADED}, {false, HEALTH_UNKNOWN}},
-     HEALTH_DEGRADED, true},
-    {"opt degraded + req starting", 2,
+     HEALTH_DEGRADED,
+     true},
+    {"opt degraded + req starting",
+     2,
      {{false, HEALTH_DEGRADED}, {true, HEALTH_STARTING}},
-     HEALTH_UNHEALTHY, false},
-    {"all disabled", 3,
-     {{true, HEALTH_DISABLED}, {false, HEALTH_DISABLED},
+     HEALTH_UNHEALTHY,
+     false},
+    {"all disabled",
+     3,
+     {{true, HEALTH_DISABLED},
+      {false, HEALTH_DISABLED},
       {true, HEALTH_DISABLED}},
-     HEALTH_HEALTHY, true},
-    {"req disabled + opt degraded + req ok", 3,
-     {{true, HEALTH_DISABLED}, {false, HEALTH_DEGRADED},
+     HEALTH_HEALTHY,
+     true},
+    {"req disabled + opt degraded + req ok",
+     3,
+     {{true, HEALTH_DISABLED},
+      {false, HEALTH_DEGRADED},
       {true, HEALTH_HEALTHY}},
-     HEALTH_DEGRADED, true},
+     HEALTH_DEGRADED,
+     true},
 };
 
 static void test_aggregation_table(void **state) {
@@ -403,8 +418,7 @@ static void test_aggregation_table(void **state) {
         health_status got = health_overall(reg);
         if (got != row->overall)
             fail_msg("row '%s': overall %s, want %s", row->label,
-                     health_status_name(got),
-                     health_status_name(row->overall));
+                     health_status_name(got), health_status_name(row->overall));
         if (health_required_ok(reg) != row->required_ok)
             fail_msg("row '%s': required_ok wrong", row->label);
 
@@ -427,8 +441,11 @@ static health_status step(health_registry *reg, script *s, const char *name,
 static void test_flip_thresholds(void **state) {
     health_registry *reg = health_new();
     script s = {0};
-    health_spec spec = {.name = "db", .check = script_check, .ud = &s,
-                        .fail_after = 3, .recover_after = 2};
+    health_spec spec = {.name = "db",
+                        .check = script_check,
+                        .ud = &s,
+                        .fail_after = 3,
+                        .recover_after = 2};
     add(reg, &spec);
 
     /* The first result applies at once. */
@@ -438,8 +455,7 @@ static void test_flip_thresholds(void **state) {
     assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_HEALTHY);
     assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_HEALTHY);
     assert_string_equal(info_of(reg, "db").message, "scripted healthy");
-    assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY),
-                     HEALTH_UNHEALTHY);
+    assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_UNHEALTHY);
     assert_string_equal(info_of(reg, "db").message, "scripted unhealthy");
 
     /* Two successes to turn back. */
@@ -454,8 +470,7 @@ static void test_flip_thresholds(void **state) {
     assert_int_equal(step(reg, &s, "db", HEALTH_DEGRADED), HEALTH_DEGRADED);
 
     /* Between failing statuses a result applies at once. */
-    assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY),
-                     HEALTH_UNHEALTHY);
+    assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_UNHEALTHY);
 
     /* A success in between restarts the count of successes. */
     assert_int_equal(step(reg, &s, "db", HEALTH_HEALTHY), HEALTH_UNHEALTHY);
@@ -466,8 +481,11 @@ static void test_flip_thresholds(void **state) {
 
     /* A fresh component takes its first failing result at once. */
     script t = {0};
-    health_spec other = {.name = "cache", .check = script_check, .ud = &t,
-                         .fail_after = 5, .recover_after = 5};
+    health_spec other = {.name = "cache",
+                         .check = script_check,
+                         .ud = &t,
+                         .fail_after = 5,
+                         .recover_after = 5};
     add(reg, &other);
     assert_int_equal(step(reg, &t, "cache", HEALTH_UNHEALTHY),
                      HEALTH_UNHEALTHY);
@@ -477,21 +495,22 @@ static void test_flip_thresholds(void **state) {
 static void test_set_applies_at_once_and_resets(void **state) {
     health_registry *reg = health_new();
     script s = {0};
-    health_spec spec = {.name = "db", .check = script_check, .ud = &s,
-                        .fail_after = 3, .recover_after = 2};
+    health_spec spec = {.name = "db",
+                        .check = script_check,
+                        .ud = &s,
+                        .fail_after = 3,
+                        .recover_after = 2};
     add(reg, &spec);
     assert_int_equal(step(reg, &s, "db", HEALTH_HEALTHY), HEALTH_HEALTHY);
 
     /* Two failures counted, then a direct report resets the count. */
     assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_HEALTHY);
     assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_HEALTHY);
-    assert_int_equal(health_set(reg, "db", HEALTH_HEALTHY, "reconnected",
-                                NULL),
+    assert_int_equal(health_set(reg, "db", HEALTH_HEALTHY, "reconnected", NULL),
                      0);
     assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_HEALTHY);
     assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_HEALTHY);
-    assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY),
-                     HEALTH_UNHEALTHY);
+    assert_int_equal(step(reg, &s, "db", HEALTH_UNHEALTHY), HEALTH_UNHEALTHY);
 
     /* A direct report ignores the thresholds both ways. */
     health_set(reg, "db", HEALTH_HEALTHY, "policy says fine", NULL);
@@ -508,12 +527,12 @@ static void test_set_applies_at_once_and_resets(void **state) {
 
 static void test_max_age_reads_unknown(void **state) {
     health_registry *reg = health_new();
-    health_spec spec = {.name = "queue", .required = true, .max_age_ms = 60};
+    health_spec spec = {.name = "queue", .required = true, .max_age_ms = 200};
     add(reg, &spec);
-    spec = (health_spec){.name = "search", .max_age_ms = 60};
+    spec = (health_spec){.name = "search", .max_age_ms = 200};
     add(reg, &spec);
-    spec = (health_spec){.name = "warming", .required = true,
-                         .max_age_ms = 60};
+    spec =
+        (health_spec){.name = "warming", .required = true, .max_age_ms = 200};
     add(reg, &spec);
     spec = (health_spec){.name = "pushed"}; /* no check: never expires */
     add(reg, &spec);
@@ -528,7 +547,7 @@ static void test_max_age_reads_unknown(void **state) {
     sleep_ms(100);
     health_info info = info_of(reg, "queue");
     assert_int_equal(info.status, HEALTH_UNKNOWN);
-    assert_non_null(strstr(info.message, "maximum age 60 ms"));
+    assert_non_null(strstr(info.message, "maximum age 200 ms"));
     assert_non_null(strstr(info.message, "consumer attached"));
     assert_int_equal(status_of(reg, "search"), HEALTH_DISABLED);
     assert_int_equal(status_of(reg, "warming"), HEALTH_STARTING);
@@ -540,8 +559,7 @@ static void test_max_age_reads_unknown(void **state) {
     const cJSON *entry = check_entry(doc, "queue:status");
     assert_string_equal(str_at(entry, "status"), "fail");
     assert_non_null(strstr(str_at(entry, "output"), "maximum age"));
-    assert_string_equal(str_at(netra_comp(doc, "queue"), "status"),
-                        "unknown");
+    assert_string_equal(str_at(netra_comp(doc, "queue"), "status"), "unknown");
     cJSON_Delete(doc);
 
     /* A fresh result makes it current again. */
@@ -556,8 +574,11 @@ static void test_checker_schedule_and_disabled(void **state) {
     health_registry *reg = health_new();
     static script s;
     s = (script){.status = HEALTH_HEALTHY};
-    health_spec spec = {.name = "api", .check = script_check, .ud = &s,
-                        .ud_free = script_free, .interval_ms = 20,
+    health_spec spec = {.name = "api",
+                        .check = script_check,
+                        .ud = &s,
+                        .ud_free = script_free,
+                        .interval_ms = 20,
                         .timeout_ms = 500};
     add(reg, &spec);
     assert_int_equal(health_start(reg), 0);
@@ -599,9 +620,13 @@ static void test_timeout_message(void **state) {
     health_registry *reg = health_new();
     gate g;
     gate_init(&g, HEALTH_HEALTHY, HEALTH_HEALTHY, 0);
-    health_spec spec = {.name = "slow", .check = gate_check, .ud = &g,
-                        .ud_free = gate_free, .timeout_ms = 40,
-                        .fail_after = 3, .recover_after = 2};
+    health_spec spec = {.name = "slow",
+                        .check = gate_check,
+                        .ud = &g,
+                        .ud_free = gate_free,
+                        .timeout_ms = 40,
+                        .fail_after = 3,
+                        .recover_after = 2};
     add(reg, &spec);
 
     health_run_all(reg);
@@ -621,9 +646,8 @@ static void test_timeout_message(void **state) {
      * taken; the new run's is). */
     gate_open(&g);
     assert_true(WAIT_FOR(atomic_load(&g.returned) == 1, 3000));
-    assert_true(WAIT_FOR((health_run_all(reg),
-                          info_of(reg, "slow").runs == 2),
-                         3000));
+    assert_true(
+        WAIT_FOR((health_run_all(reg), info_of(reg, "slow").runs == 2), 3000));
     info = info_of(reg, "slow");
     assert_int_equal(info.status, HEALTH_UNHEALTHY); /* recover_after 2 */
     assert_string_equal(info.message, "check timed out after 40 ms");
@@ -639,19 +663,27 @@ static void test_hung_check_blocks_nothing(void **state) {
     health_registry *reg = health_new();
     gate g;
     gate_init(&g, HEALTH_HEALTHY, HEALTH_HEALTHY, 0);
-    health_spec spec = {.name = "stuck", .type = "datastore",
-                        .required = true, .check = gate_check, .ud = &g,
-                        .ud_free = gate_free, .interval_ms = 20,
-                        .timeout_ms = 50, .max_age_ms = 300};
+    health_spec spec = {.name = "stuck",
+                        .type = "datastore",
+                        .required = true,
+                        .check = gate_check,
+                        .ud = &g,
+                        .ud_free = gate_free,
+                        .interval_ms = 20,
+                        .timeout_ms = 50,
+                        .max_age_ms = 600};
     add(reg, &spec);
     static script s = {.status = HEALTH_HEALTHY};
-    health_spec other = {.name = "fine", .check = script_check, .ud = &s,
-                         .interval_ms = 20, .timeout_ms = 500};
+    health_spec other = {.name = "fine",
+                         .check = script_check,
+                         .ud = &s,
+                         .interval_ms = 20,
+                         .timeout_ms = 500};
     add(reg, &other);
     assert_int_equal(health_start(reg), 0);
 
-    assert_true(WAIT_FOR(message_has(reg, "stuck", "timed out after 50 ms"),
-                         3000));
+    assert_true(
+        WAIT_FOR(message_has(reg, "stuck", "timed out after 50 ms"), 3000));
     assert_int_equal(status_of(reg, "stuck"), HEALTH_UNHEALTHY);
 
     /* Rendering answers while the check is still inside its 30 s hang. */
@@ -692,8 +724,11 @@ static void test_late_result_is_discarded(void **state) {
     health_registry *reg = health_new();
     gate g;
     gate_init(&g, HEALTH_HEALTHY, HEALTH_UNHEALTHY, 100);
-    health_spec spec = {.name = "late", .check = gate_check, .ud = &g,
-                        .ud_free = gate_free, .interval_ms = 20,
+    health_spec spec = {.name = "late",
+                        .check = gate_check,
+                        .ud = &g,
+                        .ud_free = gate_free,
+                        .interval_ms = 20,
                         .timeout_ms = 300};
     add(reg, &spec);
     assert_int_equal(health_start(reg), 0);
@@ -722,12 +757,15 @@ static void test_late_result_is_discarded(void **state) {
 
 static void test_render_document(void **state) {
     health_registry *reg = health_new();
-    health_spec db = {.name = "clickhouse", .type = "datastore",
-                      .measurement = "responseTime", .unit = "ms",
-                      .required = true, .check = observed_check};
+    health_spec db = {.name = "clickhouse",
+                      .type = "datastore",
+                      .measurement = "responseTime",
+                      .unit = "ms",
+                      .required = true,
+                      .check = observed_check};
     add(reg, &db);
-    health_spec tools = {.name = "tools", .type = "component",
-                         .required = true};
+    health_spec tools = {
+        .name = "tools", .type = "component", .required = true};
     add(reg, &tools);
     health_spec llm = {.name = "llm", .type = "system"};
     add(reg, &llm);
@@ -738,8 +776,7 @@ static void test_render_document(void **state) {
     health_set(reg, "tools", HEALTH_HEALTHY, "3 tools registered", NULL);
     health_set(reg, "llm", HEALTH_UNHEALTHY,
                "provider answered 503 - retrying in 5 s", NULL);
-    health_set(reg, "metrics", HEALTH_DISABLED,
-               "METRICS_ENABLED=false", NULL);
+    health_set(reg, "metrics", HEALTH_DISABLED, "METRICS_ENABLED=false", NULL);
 
     cJSON *doc = health_render(reg, true, "development", "ready");
     if (getenv("HEALTH_TEST_PRINT")) {
@@ -767,8 +804,7 @@ static void test_render_document(void **state) {
                         "provider answered 503 - retrying in 5 s");
     e = check_entry(doc, "metrics:status");
     assert_string_equal(str_at(e, "status"), "pass");
-    assert_string_equal(str_at(e, "output"),
-                        "disabled: METRICS_ENABLED=false");
+    assert_string_equal(str_at(e, "output"), "disabled: METRICS_ENABLED=false");
 
     const cJSON *netra = cJSON_GetObjectItemCaseSensitive(doc, "netra");
     assert_string_equal(str_at(netra, "environment"), "development");
@@ -776,12 +812,11 @@ static void test_render_document(void **state) {
     assert_string_equal(str_at(netra, "status"), "degraded");
     const cJSON *c = netra_comp(doc, "clickhouse");
     assert_string_equal(str_at(c, "status"), "healthy");
-    assert_true(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c,
-                                                              "required")));
+    assert_true(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "required")));
     assert_string_equal(str_at(c, "message"), "SELECT 1 answered");
     assert_recent_time(str_at(c, "last_check"));
-    assert_true(cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(
-        c, "duration_ms")));
+    assert_true(
+        cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(c, "duration_ms")));
     assert_string_equal(str_at(c, "component_type"), "datastore");
     v = cJSON_GetObjectItemCaseSensitive(c, "observed");
     assert_true(cJSON_IsNumber(v) && v->valuedouble == 12.5);
@@ -810,8 +845,8 @@ static void test_render_document(void **state) {
     netra = cJSON_GetObjectItemCaseSensitive(doc, "netra");
     assert_string_equal(str_at(netra, "name"), "fresh");
     assert_string_equal(str_at(netra, "status"), "starting");
-    assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(netra,
-                                                              "last_check")));
+    assert_true(
+        cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(netra, "last_check")));
     cJSON_Delete(doc);
 
     /* A required component still starting fails the whole. */
@@ -823,8 +858,7 @@ static void test_render_document(void **state) {
     doc = health_render(reg, true, NULL, NULL);
     assert_string_equal(str_at(doc, "status"), "fail");
     netra = cJSON_GetObjectItemCaseSensitive(doc, "netra");
-    assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(netra,
-                                                              "phase")));
+    assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(netra, "phase")));
     cJSON_Delete(doc);
     health_free(reg);
 }
@@ -867,9 +901,12 @@ static void *stress_writer(void *arg) {
     static script churn = {.status = HEALTH_DEGRADED};
     int i = 0;
     while (!atomic_load(&st->stop)) {
-        health_spec spec = {.name = "churn", .check = script_check,
-                            .ud = &churn, .ud_free = script_free,
-                            .interval_ms = 1, .timeout_ms = 20};
+        health_spec spec = {.name = "churn",
+                            .check = script_check,
+                            .ud = &churn,
+                            .ud_free = script_free,
+                            .interval_ms = 1,
+                            .timeout_ms = 20};
         char err[128];
         if (health_register(st->reg, &spec, err, sizeof err) != 0)
             atomic_fetch_add(&st->failures, 1);
@@ -887,12 +924,16 @@ static void test_concurrent_render(void **state) {
     static script s[4]; /* runs may outlive health_free by a moment */
     for (int i = 0; i < 4; i++) {
         s[i] = (script){.status = 1 + i % 3};
-        char name[8];
+        char name[16];
         snprintf(name, sizeof name, "c%d", i);
-        health_spec spec = {.name = name, .check = script_check,
-                            .ud = &s[i], .interval_ms = 2 + i,
-                            .timeout_ms = 100, .required = i % 2,
-                            .fail_after = i % 2 + 1, .max_age_ms = 50};
+        health_spec spec = {.name = name,
+                            .check = script_check,
+                            .ud = &s[i],
+                            .interval_ms = 2 + i,
+                            .timeout_ms = 100,
+                            .required = i % 2,
+                            .fail_after = i % 2 + 1,
+                            .max_age_ms = 50};
         add(reg, &spec);
     }
     stress st = {.reg = reg};
@@ -900,19 +941,19 @@ static void test_concurrent_render(void **state) {
 
     pthread_t readers[4], writer;
     for (int i = 0; i < 4; i++)
-        assert_int_equal(pthread_create(&readers[i], NULL, stress_reader,
-                                        &st),
+        assert_int_equal(pthread_create(&readers[i], NULL, stress_reader, &st),
                          0);
     assert_int_equal(pthread_create(&writer, NULL, stress_writer, &st), 0);
     sleep_ms(600);
     atomic_store(&st.stop, true);
-    for (int i = 0; i < 4; i++) pthread_join(readers[i], NULL);
+    for (int i = 0; i < 4; i++)
+        pthread_join(readers[i], NULL);
     pthread_join(writer, NULL);
 
     assert_int_equal(atomic_load(&st.failures), 0);
     assert_true(atomic_load(&st.renders) > 0);
     for (int i = 0; i < 4; i++) {
-        char name[8];
+        char name[16];
         snprintf(name, sizeof name, "c%d", i);
         assert_true(info_of(reg, name).runs >= 5);
     }
