@@ -22,8 +22,7 @@ struct netra_ctx {
 };
 
 static const char *const placeholders[] = {
-    "none",        "null",    "undefined", "registry",
-    "placeholder", "default", "mock",
+    "none", "null", "undefined", "registry", "placeholder", "default", "mock",
 };
 
 static void fail(char *err, size_t err_size, const char *fmt, ...)
@@ -114,8 +113,8 @@ static bool check_chars(const char *field, const char *value, size_t len,
             fail(err, err_size,
                  "%s: %s character U+%04X at byte %zu - ids must be "
                  "printable text",
-                 field, is_control(cp) ? "control" : "invisible",
-                 (unsigned)cp, at);
+                 field, is_control(cp) ? "control" : "invisible", (unsigned)cp,
+                 at);
             return false;
         }
         if (is_space(cp) && (at == 0 || at + n == len)) {
@@ -154,9 +153,8 @@ bool ctx_validate_id(const char *field, const char *value, char *err,
 
     for (size_t i = 0; i < sizeof placeholders / sizeof *placeholders; i++) {
         if (strcasecmp(value, placeholders[i])) continue;
-        fail(err, err_size,
-             "%s: placeholder value '%s' is not a real id - %s", field, value,
-             advice_for(field));
+        fail(err, err_size, "%s: placeholder value '%s' is not a real id - %s",
+             field, value, advice_for(field));
         return false;
     }
     return true;
@@ -229,8 +227,8 @@ netra_ctx *ctx_new(const ctx_fields *in, char *err, size_t err_size) {
         request_id = generated;
     }
 
-    size_t size = sizeof(netra_ctx) + strlen(in->user_id) + 1 +
-                  strlen(request_id) + 1;
+    size_t size =
+        sizeof(netra_ctx) + strlen(in->user_id) + 1 + strlen(request_id) + 1;
     if (in->thread_id) size += strlen(in->thread_id) + 1;
     if (in->run_id) size += strlen(in->run_id) + 1;
 

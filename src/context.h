@@ -23,7 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define CTX_ID_MAX 256  /* bytes, without the terminating NUL */
+#define CTX_ID_MAX 256    /* bytes, without the terminating NUL */
 #define CTX_NEW_ID_LEN 36 /* "xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx" */
 
 /* What a context is made from. Strings are copied; NULL means absent.

@@ -14,17 +14,16 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
-#define JWT_MAC_LEN 32     /* SHA-256 */
-#define JWT_MAC_B64_LEN 43 /* its base64url length, unpadded */
+#define JWT_MAC_LEN 32                     /* SHA-256 */
+#define JWT_MAC_B64_LEN 43                 /* its base64url length, unpadded */
 #define JWT_MAX_SECONDS 9007199254740991.0 /* 2^53 - 1 */
 
 static const char b64url_chars[] =
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 static const char *const result_names[] = {
-    "ok",      "missing",       "malformed",   "bad_algorithm",
-    "bad_signature", "expired", "not_yet_valid", "exp_missing",
-    "bad_sub", "no_secret",
+    "ok",      "missing",       "malformed",   "bad_algorithm", "bad_signature",
+    "expired", "not_yet_valid", "exp_missing", "bad_sub",       "no_secret",
 };
 
 const char *jwt_result_name(jwt_result result) {
@@ -52,8 +51,8 @@ static size_t b64url_encode(const unsigned char *in, size_t n, char *out) {
     size_t o = 0, i = 0;
 
     for (; i + 3 <= n; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 |
-                     in[i + 2];
+        uint32_t v =
+            (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
         out[o++] = b64url_chars[v >> 18];
         out[o++] = b64url_chars[(v >> 12) & 63];
         out[o++] = b64url_chars[(v >> 6) & 63];
@@ -142,8 +141,10 @@ static cJSON *member(const cJSON *obj, const char *name, bool *dup) {
 
     cJSON_ArrayForEach(item, obj) {
         if (!item->string || strcmp(item->string, name)) continue;
-        if (found) *dup = true;
-        else found = (cJSON *)item;
+        if (found)
+            *dup = true;
+        else
+            found = (cJSON *)item;
     }
     return found;
 }
@@ -163,8 +164,8 @@ static const char *format_time(double t, char *out, size_t out_size) {
     struct tm tm;
     time_t tt = (time_t)t;
 
-    if (gmtime_r(&tt, &tm) && strftime(out, out_size, "%Y-%m-%dT%H:%M:%SZ",
-                                       &tm) > 0)
+    if (gmtime_r(&tt, &tm) &&
+        strftime(out, out_size, "%Y-%m-%dT%H:%M:%SZ", &tm) > 0)
         return out;
     snprintf(out, out_size, "%.0f", t);
     return out;
@@ -211,13 +212,13 @@ int jwt_sign(const char *secret, const char *sub, int64_t iat, int64_t exp,
                  "{\"sub\":%s,\"iat\":%lld,\"exp\":%lld}", sub_json,
                  (long long)iat, (long long)exp);
     else
-        snprintf(payload, sizeof payload, "{\"sub\":%s,\"iat\":%lld}",
-                 sub_json, (long long)iat);
+        snprintf(payload, sizeof payload, "{\"sub\":%s,\"iat\":%lld}", sub_json,
+                 (long long)iat);
     free(sub_json);
 
     size_t hlen = strlen(header), plen = strlen(payload);
-    size_t cap = 4 * ((hlen + 2) / 3) + 4 * ((plen + 2) / 3) +
-                 JWT_MAC_B64_LEN + 8;
+    size_t cap =
+        4 * ((hlen + 2) / 3) + 4 * ((plen + 2) / 3) + JWT_MAC_B64_LEN + 8;
     char *token = malloc(cap);
     if (!token) {
         fail(err, err_size, "token: out of memory");
@@ -255,8 +256,8 @@ typedef struct {
 static jwt_result split(const char *token, size_t n, jwt_parts *p, char *err,
                         size_t err_size) {
     const char *dot1 = memchr(token, '.', n);
-    const char *dot2 = dot1 ? memchr(dot1 + 1, '.', n - (size_t)(dot1 + 1 - token))
-                            : NULL;
+    const char *dot2 =
+        dot1 ? memchr(dot1 + 1, '.', n - (size_t)(dot1 + 1 - token)) : NULL;
     if (!dot2 || memchr(dot2 + 1, '.', n - (size_t)(dot2 + 1 - token))) {
         fail(err, err_size,
              "token is not three dot-separated parts - send the compact "
@@ -296,8 +297,7 @@ static jwt_result split(const char *token, size_t n, jwt_parts *p, char *err,
 }
 
 /* Checks the header: a JSON object with alg "HS256" and no crit. */
-static jwt_result check_header(const jwt_parts *p, char *err,
-                               size_t err_size) {
+static jwt_result check_header(const jwt_parts *p, char *err, size_t err_size) {
     cJSON *h = parse_object(p->header, (size_t)p->header_len);
     if (!h) {
         fail(err, err_size,
@@ -432,8 +432,8 @@ static jwt_result check_payload(const jwt_parts *p, int64_t now, int leeway,
              "numbers of seconds, each claim given once",
              dup ? "a repeated claim" : "a time that is not a number");
         r = JWT_MALFORMED;
-    } else if ((r = check_times(&t, now, leeway, require_exp, err,
-                                err_size)) != JWT_OK) {
+    } else if ((r = check_times(&t, now, leeway, require_exp, err, err_size)) !=
+               JWT_OK) {
         /* message written */
     } else if (!sub) {
         fail(err, err_size,
@@ -549,8 +549,8 @@ static bool is_token_key(const char *s, size_t n) {
            !memcmp(key, "token", 5);
 }
 
-int jwt_query_token(const char *query, char *out, size_t out_size,
-                    char *err, size_t err_size) {
+int jwt_query_token(const char *query, char *out, size_t out_size, char *err,
+                    size_t err_size) {
     int found = 0;
 
     if (out_size == 0) return -1;
@@ -602,13 +602,13 @@ int jwt_bearer_token(const char *header, char *out, size_t out_size) {
     if (!header) return 0;
 
     const char *p = header + strspn(header, " \t");
-    if (strncasecmp(p, "bearer", 6) || (p[6] != ' ' && p[6] != '\t'))
-        return 0;
+    if (strncasecmp(p, "bearer", 6) || (p[6] != ' ' && p[6] != '\t')) return 0;
     p += 6;
     p += strspn(p, " \t");
 
     size_t n = strlen(p);
-    while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\t')) n--;
+    while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\t'))
+        n--;
     if (n == 0) return 0;
     if (n >= out_size) return -1;
     memcpy(out, p, n);

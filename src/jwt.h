@@ -77,8 +77,8 @@ jwt_result jwt_verify(const char *token, const char *secret, int64_t now,
  * "token=" or a bare "token"), 0 when absent (out empty), -1 when the
  * parameter appears twice, has a bad or NUL escape, or does not fit in
  * out_size (out empty, err filled). Give out JWT_MAX_TOKEN + 1 bytes. */
-int jwt_query_token(const char *query, char *out, size_t out_size,
-                    char *err, size_t err_size);
+int jwt_query_token(const char *query, char *out, size_t out_size, char *err,
+                    size_t err_size);
 
 /* Copies the token of an Authorization header value "Bearer <token>"
  * into out (scheme compared without case; spaces and tabs around the

@@ -37,16 +37,24 @@ static char *repeat(char c, size_t n) {
 static void test_accepts_real_ids(void **state) {
     (void)state;
     const char *ok[] = {
-        "alice",          "u",
-        "42",             "default_user",
-        "test_user_7",    "user@example.com",
-        "Jane Doe",       "nonexistent",
-        "nullable",       "defaults",
-        "mocked",         "none-of-them",
-        "registry.v2",    "Zo\xC3\xAB",        /* Zoë */
-        "\xE7\x94\xA8\xE6\x88\xB7",            /* two CJK letters */
-        "\xF0\x9F\x98\x80",                    /* an emoji, 4 bytes */
-        "a\xC2\xA0" "b",                       /* inner NBSP is fine */
+        "alice",
+        "u",
+        "42",
+        "default_user",
+        "test_user_7",
+        "user@example.com",
+        "Jane Doe",
+        "nonexistent",
+        "nullable",
+        "defaults",
+        "mocked",
+        "none-of-them",
+        "registry.v2",
+        "Zo\xC3\xAB",               /* Zoë */
+        "\xE7\x94\xA8\xE6\x88\xB7", /* two CJK letters */
+        "\xF0\x9F\x98\x80",         /* an emoji, 4 bytes */
+        "a\xC2\xA0"
+        "b", /* inner NBSP is fine */
         "auth0|5f7c8ec7c33c6c004bbafe82",
     };
     for (size_t i = 0; i < sizeof ok / sizeof *ok; i++)
@@ -76,9 +84,9 @@ static void test_length_bounds(void **state) {
 static void test_placeholders_refused(void **state) {
     (void)state;
     const char *words[] = {
-        "none",    "null",      "undefined", "registry", "placeholder",
-        "default", "mock",      "NONE",      "Null",     "UNDEFINED",
-        "Registry", "PlaceHolder", "DEFAULT", "mOcK",
+        "none",     "null",        "undefined", "registry", "placeholder",
+        "default",  "mock",        "NONE",      "Null",     "UNDEFINED",
+        "Registry", "PlaceHolder", "DEFAULT",   "mOcK",
     };
     for (size_t i = 0; i < sizeof words / sizeof *words; i++) {
         refused(words[i], "placeholder value '");
@@ -86,9 +94,8 @@ static void test_placeholders_refused(void **state) {
     }
 
     assert_false(valid("default"));
-    assert_string_equal(err,
-                        "user_id: placeholder value 'default' is not a "
-                        "real id - pass the authenticated user's id");
+    assert_string_equal(err, "user_id: placeholder value 'default' is not a "
+                             "real id - pass the authenticated user's id");
 }
 
 static void test_edge_whitespace_refused(void **state) {
@@ -98,9 +105,11 @@ static void test_edge_whitespace_refused(void **state) {
     refused(" alice", "whitespace at the start");
     refused("alice ", "whitespace at the end");
     refused(" ", "whitespace at the start");
-    refused("\xC2\xA0" "alice", "whitespace at the start"); /* NBSP */
-    refused("alice\xE3\x80\x80", "whitespace at the end");  /* U+3000 */
-    refused("alice\xE2\x80\x83", "whitespace at the end");  /* em space */
+    refused("\xC2\xA0"
+            "alice",
+            "whitespace at the start");                    /* NBSP */
+    refused("alice\xE3\x80\x80", "whitespace at the end"); /* U+3000 */
+    refused("alice\xE2\x80\x83", "whitespace at the end"); /* em space */
 }
 
 static void test_controls_refused(void **state) {
@@ -112,10 +121,18 @@ static void test_controls_refused(void **state) {
     refused("a\xC2\x80", "control character U+0080");
     refused("a\xC2\x85", "control character U+0085"); /* NEL */
     refused("a\xC2\x9F", "control character U+009F");
-    refused("a\xE2\x80\x8B" "b", "invisible character U+200B");
-    refused("a\xE2\x80\xAE" "b", "invisible character U+202E"); /* RLO */
-    refused("a\xE2\x80\xA8" "b", "invisible character U+2028");
-    refused("\xEF\xBB\xBF" "alice", "invisible character U+FEFF");
+    refused("a\xE2\x80\x8B"
+            "b",
+            "invisible character U+200B");
+    refused("a\xE2\x80\xAE"
+            "b",
+            "invisible character U+202E"); /* RLO */
+    refused("a\xE2\x80\xA8"
+            "b",
+            "invisible character U+2028");
+    refused("\xEF\xBB\xBF"
+            "alice",
+            "invisible character U+FEFF");
 
     /* Just outside the refused ranges. */
     assert_true(valid("a\xC2\xA1")); /* U+00A1 ¡ */
@@ -126,12 +143,12 @@ static void test_invalid_utf8_refused(void **state) {
     (void)state;
     refused("\x80", "invalid UTF-8 at byte 0");
     refused("ab\xFF", "invalid UTF-8 at byte 2");
-    refused("\xC3\x28", "invalid UTF-8");         /* bad continuation */
-    refused("\xC0\xAF", "invalid UTF-8");         /* overlong '/' */
-    refused("\xE0\x80\xAF", "invalid UTF-8");     /* overlong */
-    refused("\xF0\x80\x80\xAF", "invalid UTF-8"); /* overlong */
-    refused("\xED\xA0\x80", "invalid UTF-8");     /* surrogate */
-    refused("\xF4\x90\x80\x80", "invalid UTF-8"); /* above U+10FFFF */
+    refused("\xC3\x28", "invalid UTF-8");             /* bad continuation */
+    refused("\xC0\xAF", "invalid UTF-8");             /* overlong '/' */
+    refused("\xE0\x80\xAF", "invalid UTF-8");         /* overlong */
+    refused("\xF0\x80\x80\xAF", "invalid UTF-8");     /* overlong */
+    refused("\xED\xA0\x80", "invalid UTF-8");         /* surrogate */
+    refused("\xF4\x90\x80\x80", "invalid UTF-8");     /* above U+10FFFF */
     refused("ok\xE2\x82", "invalid UTF-8 at byte 2"); /* truncated */
     refused("\xF8\x88\x80\x80\x80", "invalid UTF-8");
 
@@ -320,7 +337,8 @@ static void test_refcount_across_threads(void **state) {
 
     for (int i = 0; i < THREADS; i++)
         assert_int_equal(pthread_create(&t[i], NULL, hammer, ctx), 0);
-    for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(t[i], NULL);
 
     assert_int_equal(ctx_refs(ctx), 1);
     ctx_unref(ctx);
@@ -340,14 +358,16 @@ static void test_last_thread_frees(void **state) {
     netra_ctx *ctx = ctx_new(&f, err, sizeof err);
     pthread_t t[THREADS];
 
-    for (int i = 0; i < THREADS; i++) ctx_ref(ctx);
+    for (int i = 0; i < THREADS; i++)
+        ctx_ref(ctx);
     assert_int_equal(ctx_refs(ctx), THREADS + 1);
 
     for (int i = 0; i < THREADS; i++)
-        assert_int_equal(
-            pthread_create(&t[i], NULL, hammer_and_release, ctx), 0);
+        assert_int_equal(pthread_create(&t[i], NULL, hammer_and_release, ctx),
+                         0);
     ctx_unref(ctx);
-    for (int i = 0; i < THREADS; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(t[i], NULL);
 }
 
 int main(void) {

@@ -25,23 +25,23 @@
 
 #define KAT_HEADER "{\"alg\":\"HS256\",\"typ\":\"JWT\"}"
 #define KAT_PAYLOAD "{\"sub\":\"alice\",\"iat\":1700000000,\"exp\":1700003600}"
-#define KAT_TOKEN                                                          \
-    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."                                \
-    "eyJzdWIiOiJhbGljZSIsImlhdCI6MTcwMDAwMDAwMCwiZXhwIjoxNzAwMDAzNjAwfQ."  \
+#define KAT_TOKEN                                                              \
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."                                    \
+    "eyJzdWIiOiJhbGljZSIsImlhdCI6MTcwMDAwMDAwMCwiZXhwIjoxNzAwMDAzNjAwfQ."      \
     "pnC6hUhaki2FDN5zV_ZDpOLRuBVXtOdVzHCjSHGopFM"
 
 /* RFC 7515 appendix A.1: HS256 with a 64-byte key. */
 static const unsigned char rfc_key[] = {
-    0x03, 0x23, 0x35, 0x4b, 0x2b, 0x0f, 0xa5, 0xbc, 0x83, 0x7e, 0x06, 0x65,
-    0x77, 0x7b, 0xa6, 0x8f, 0x5a, 0xb3, 0x28, 0xe6, 0xf0, 0x54, 0xc9, 0x28,
-    0xa9, 0x0f, 0x84, 0xb2, 0xd2, 0x50, 0x2e, 0xbf, 0xd3, 0xfb, 0x5a, 0x92,
-    0xd2, 0x06, 0x47, 0xef, 0x96, 0x8a, 0xb4, 0xc3, 0x77, 0x62, 0x3d, 0x22,
-    0x3d, 0x2e, 0x21, 0x72, 0x05, 0x2e, 0x4f, 0x08, 0xc0, 0xcd, 0x9a, 0xf5,
-    0x67, 0xd0, 0x80, 0xa3, 0x00};
-#define RFC_TOKEN                                                          \
-    "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9."                            \
-    "eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxl" \
-    "LmNvbS9pc19yb290Ijp0cnVlfQ."                                          \
+    0x03, 0x23, 0x35, 0x4b, 0x2b, 0x0f, 0xa5, 0xbc, 0x83, 0x7e, 0x06,
+    0x65, 0x77, 0x7b, 0xa6, 0x8f, 0x5a, 0xb3, 0x28, 0xe6, 0xf0, 0x54,
+    0xc9, 0x28, 0xa9, 0x0f, 0x84, 0xb2, 0xd2, 0x50, 0x2e, 0xbf, 0xd3,
+    0xfb, 0x5a, 0x92, 0xd2, 0x06, 0x47, 0xef, 0x96, 0x8a, 0xb4, 0xc3,
+    0x77, 0x62, 0x3d, 0x22, 0x3d, 0x2e, 0x21, 0x72, 0x05, 0x2e, 0x4f,
+    0x08, 0xc0, 0xcd, 0x9a, 0xf5, 0x67, 0xd0, 0x80, 0xa3, 0x00};
+#define RFC_TOKEN                                                              \
+    "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9."                                \
+    "eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxl"     \
+    "LmNvbS9pc19yb290Ijp0cnVlfQ."                                              \
     "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
 
 static char err[512];
@@ -67,8 +67,8 @@ static void b64url(const unsigned char *in, size_t n, char *out) {
 
 /* Encodes header and payload (n bytes each, -1 for strlen) and signs
  * them with secret. Returns a malloc'd token. */
-static char *craft_n(const char *header, long hn, const char *payload,
-                     long pn, const char *secret) {
+static char *craft_n(const char *header, long hn, const char *payload, long pn,
+                     const char *secret) {
     size_t hl = hn < 0 ? strlen(header) : (size_t)hn;
     size_t pl = pn < 0 ? strlen(payload) : (size_t)pn;
     char *t = malloc(2 * (hl + pl) + 100);
@@ -114,9 +114,9 @@ static void test_sign_known_answer(void **state) {
     (void)state;
     char *t = NULL;
 
-    assert_int_equal(jwt_sign(SECRET, "alice", 1700000000, 1700003600, &t,
-                              err, sizeof err),
-                     0);
+    assert_int_equal(
+        jwt_sign(SECRET, "alice", 1700000000, 1700003600, &t, err, sizeof err),
+        0);
     assert_string_equal(t, KAT_TOKEN);
     free(t);
 
@@ -154,9 +154,9 @@ static void test_rfc7515_example(void **state) {
     /* One signature character changed. */
     char *t = strdup(RFC_TOKEN);
     t[strlen(t) - 2] = t[strlen(t) - 2] == 'j' ? 'k' : 'j';
-    assert_int_equal(jwt_verify(t, key, 1300819000, 0, true, NULL, err,
-                                sizeof err),
-                     JWT_BAD_SIGNATURE);
+    assert_int_equal(
+        jwt_verify(t, key, 1300819000, 0, true, NULL, err, sizeof err),
+        JWT_BAD_SIGNATURE);
     free(t);
 }
 
@@ -166,8 +166,8 @@ static void test_sign_round_trip(void **state) {
     (void)state;
     char *t = NULL;
 
-    assert_int_equal(jwt_sign(SECRET, "Zo\xC3\xAB \"q\" \\", NOW, NOW + 60,
-                              &t, err, sizeof err),
+    assert_int_equal(jwt_sign(SECRET, "Zo\xC3\xAB \"q\" \\", NOW, NOW + 60, &t,
+                              err, sizeof err),
                      0);
     assert_int_equal(verify(t), JWT_OK);
     assert_string_equal(claims.sub, "Zo\xC3\xAB \"q\" \\");
@@ -175,9 +175,9 @@ static void test_sign_round_trip(void **state) {
 
     /* exp 0 leaves exp out: fine unless one is required. */
     assert_int_equal(jwt_sign(SECRET, "bob", NOW, 0, &t, err, sizeof err), 0);
-    assert_int_equal(jwt_verify(t, SECRET, NOW, 60, false, &claims, err,
-                                sizeof err),
-                     JWT_OK);
+    assert_int_equal(
+        jwt_verify(t, SECRET, NOW, 60, false, &claims, err, sizeof err),
+        JWT_OK);
     assert_false(claims.has_exp);
     assert_int_equal(verify(t), JWT_EXP_MISSING);
     assert_non_null(strstr(err, "no 'exp' claim"));
@@ -193,8 +193,8 @@ static void test_sign_refusals(void **state) {
     assert_null(t);
     assert_non_null(strstr(err, "NETRA_JWT_SECRET"));
 
-    assert_int_equal(
-        jwt_sign(NULL, "alice", NOW, NOW + 1, &t, err, sizeof err), -1);
+    assert_int_equal(jwt_sign(NULL, "alice", NOW, NOW + 1, &t, err, sizeof err),
+                     -1);
     assert_int_equal(
         jwt_sign(SECRET, "default", NOW, NOW + 1, &t, err, sizeof err), -1);
     assert_null(t);
@@ -211,9 +211,9 @@ static void test_missing_and_no_secret(void **state) {
     assert_non_null(strstr(err, "Authorization: Bearer"));
     assert_int_equal(verify(""), JWT_MISSING);
 
-    assert_int_equal(jwt_verify(KAT_TOKEN, "", NOW, 60, true, &claims, err,
-                                sizeof err),
-                     JWT_NO_SECRET);
+    assert_int_equal(
+        jwt_verify(KAT_TOKEN, "", NOW, 60, true, &claims, err, sizeof err),
+        JWT_NO_SECRET);
     assert_int_equal(jwt_verify(KAT_TOKEN, NULL, NOW, 60, true, NULL, NULL, 0),
                      JWT_NO_SECRET);
 }
@@ -229,9 +229,9 @@ static void test_malformed_shape(void **state) {
         KAT_TOKEN ".",
         " " KAT_TOKEN,
         KAT_TOKEN " ",
-        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9=.eyJ9.x",      /* padding */
-        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ+Lw.x",     /* + and / */
-        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.e.x",          /* 1 mod 4 */
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9=.eyJ9.x",           /* padding */
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ+Lw.x",          /* + and / */
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.e.x",               /* 1 mod 4 */
         "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhIn1.x", /* bits */
         "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ9.a=b",
         "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJ9.a\xff",
@@ -287,16 +287,14 @@ static void test_wrong_algorithm(void **state) {
 
     /* alg none with an empty signature, the classic. */
     char h[64], pl[128], t[256];
-    b64url((const unsigned char *)"{\"alg\":\"none\",\"typ\":\"JWT\"}", 26,
-           h);
+    b64url((const unsigned char *)"{\"alg\":\"none\",\"typ\":\"JWT\"}", 26, h);
     b64url((const unsigned char *)p, strlen(p), pl);
     snprintf(t, sizeof t, "%s.%s.", h, pl);
     assert_int_equal(verify(t), JWT_BAD_ALGORITHM);
 
     /* The KAT token's payload and signature under a swapped header. */
     const char *kat_rest = strchr(KAT_TOKEN, '.');
-    b64url((const unsigned char *)"{\"alg\":\"HS384\",\"typ\":\"JWT\"}", 27,
-           h);
+    b64url((const unsigned char *)"{\"alg\":\"HS384\",\"typ\":\"JWT\"}", 27, h);
     snprintf(t, sizeof t, "%s%s", h, kat_rest);
     assert_int_equal(verify(t), JWT_BAD_ALGORITHM);
 }
@@ -418,24 +416,26 @@ static void test_malformed_payload(void **state) {
     expect(h, "{\"sub\":\"alice\",\"exp\":1700003600,\"iat\":null}",
            JWT_MALFORMED, NULL);
     expect(h, "{\"sub\":\"alice\",\"exp\":1e300}", JWT_MALFORMED, NULL);
-    expect(h, "{\"sub\":\"alice\",\"exp\":1700003600,\"exp\":1}",
-           JWT_MALFORMED, "repeated claim");
+    expect(h, "{\"sub\":\"alice\",\"exp\":1700003600,\"exp\":1}", JWT_MALFORMED,
+           "repeated claim");
     expect(h, "{\"sub\":\"alice\",\"sub\":\"admin\",\"exp\":1700003600}",
            JWT_MALFORMED, "repeated claim");
     expect(h, "{\"sub\":\"ali\\u0000ce\",\"exp\":1700003600}", JWT_MALFORMED,
            NULL);
 
     /* A raw NUL inside the payload bytes. */
-    char *t = craft_n(h, -1, "{\"sub\":\"alice\",\"exp\":1700003600}\0", 33,
-                      SECRET);
+    char *t =
+        craft_n(h, -1, "{\"sub\":\"alice\",\"exp\":1700003600}\0", 33, SECRET);
     assert_int_equal(verify(t), JWT_MALFORMED);
     free(t);
 
     /* Deep nesting is refused by the parser, not a crash. */
     char deep[4200] = "{\"sub\":\"alice\",\"exp\":1700003600,\"x\":";
     size_t at = strlen(deep);
-    for (int i = 0; i < 2000; i++) deep[at++] = '[';
-    for (int i = 0; i < 2000; i++) deep[at++] = ']';
+    for (int i = 0; i < 2000; i++)
+        deep[at++] = '[';
+    for (int i = 0; i < 2000; i++)
+        deep[at++] = ']';
     deep[at++] = '}';
     deep[at] = '\0';
     expect(h, deep, JWT_MALFORMED, NULL);
@@ -463,11 +463,11 @@ static void test_expiry_with_leeway(void **state) {
     assert_non_null(strstr(err, "get a new token"));
 
     /* Without leeway (and a negative leeway counts as none). */
-    assert_int_equal(jwt_verify(KAT_TOKEN, SECRET, 1700003599, 0, true,
-                                &claims, err, sizeof err),
+    assert_int_equal(jwt_verify(KAT_TOKEN, SECRET, 1700003599, 0, true, &claims,
+                                err, sizeof err),
                      JWT_OK);
-    assert_int_equal(jwt_verify(KAT_TOKEN, SECRET, 1700003600, 0, true,
-                                &claims, err, sizeof err),
+    assert_int_equal(jwt_verify(KAT_TOKEN, SECRET, 1700003600, 0, true, &claims,
+                                err, sizeof err),
                      JWT_EXPIRED);
     assert_int_equal(jwt_verify(KAT_TOKEN, SECRET, 1700003600, -100, true,
                                 &claims, err, sizeof err),
@@ -494,9 +494,9 @@ static void test_exp_required(void **state) {
     expect(KAT_HEADER, "{\"sub\":\"alice\"}", JWT_EXP_MISSING, "'exp'");
 
     char *t = craft(KAT_HEADER, "{\"sub\":\"alice\"}");
-    assert_int_equal(jwt_verify(t, SECRET, NOW, 60, false, &claims, err,
-                                sizeof err),
-                     JWT_OK);
+    assert_int_equal(
+        jwt_verify(t, SECRET, NOW, 60, false, &claims, err, sizeof err),
+        JWT_OK);
     free(t);
 }
 
@@ -511,8 +511,7 @@ static void test_sub_rules(void **state) {
     expect(h, "{\"sub\":\"\",\"exp\":1700003600}", JWT_BAD_SUB, "sub: empty");
     expect(h, "{\"sub\":\"DEFAULT\",\"exp\":1700003600}", JWT_BAD_SUB,
            "sub: placeholder value 'DEFAULT' is not a real id");
-    expect(h, "{\"sub\":\"undefined\",\"exp\":1700003600}", JWT_BAD_SUB,
-           NULL);
+    expect(h, "{\"sub\":\"undefined\",\"exp\":1700003600}", JWT_BAD_SUB, NULL);
     expect(h, "{\"sub\":\"a\\nb\",\"exp\":1700003600}", JWT_BAD_SUB,
            "control character");
     expect(h, "{\"sub\":\" alice\",\"exp\":1700003600}", JWT_BAD_SUB,
@@ -538,9 +537,15 @@ static void test_sub_rules(void **state) {
 
 static void test_result_names(void **state) {
     (void)state;
-    const char *want[] = {"ok",           "missing",     "malformed",
-                          "bad_algorithm", "bad_signature", "expired",
-                          "not_yet_valid", "exp_missing", "bad_sub",
+    const char *want[] = {"ok",
+                          "missing",
+                          "malformed",
+                          "bad_algorithm",
+                          "bad_signature",
+                          "expired",
+                          "not_yet_valid",
+                          "exp_missing",
+                          "bad_sub",
                           "no_secret"};
     for (int i = 0; i <= JWT_NO_SECRET; i++)
         assert_string_equal(jwt_result_name((jwt_result)i), want[i]);
@@ -605,8 +610,8 @@ static void test_query_token(void **state) {
         -1);
     assert_string_equal(small, "");
     assert_non_null(strstr(err, "longer than 3 bytes"));
-    assert_int_equal(
-        jwt_query_token("token=abc", small, sizeof small, NULL, 0), 1);
+    assert_int_equal(jwt_query_token("token=abc", small, sizeof small, NULL, 0),
+                     1);
     assert_string_equal(small, "abc");
 }
 
@@ -619,8 +624,7 @@ static void test_bearer_token(void **state) {
     assert_string_equal(out, "abc");
     assert_int_equal(jwt_bearer_token(" BEARER\tabc", out, sizeof out), 1);
     assert_string_equal(out, "abc");
-    assert_int_equal(
-        jwt_bearer_token("Bearer " KAT_TOKEN, out, sizeof out), 1);
+    assert_int_equal(jwt_bearer_token("Bearer " KAT_TOKEN, out, sizeof out), 1);
     assert_int_equal(verify(out), JWT_OK);
 
     assert_int_equal(jwt_bearer_token(NULL, out, sizeof out), 0);
@@ -633,8 +637,7 @@ static void test_bearer_token(void **state) {
     assert_int_equal(jwt_bearer_token("", out, sizeof out), 0);
 
     char small[4];
-    assert_int_equal(jwt_bearer_token("Bearer abcd", small, sizeof small),
-                     -1);
+    assert_int_equal(jwt_bearer_token("Bearer abcd", small, sizeof small), -1);
     assert_string_equal(small, "");
 }
 
