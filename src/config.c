@@ -322,7 +322,7 @@ static int find_home(config *cfg, char *err, size_t err_size) {
     }
     snprintf(err, err_size,
              "cannot find lua/netra/policy.lua in NETRA_HOME, the current "
-             "directory or %s - set NETRA_HOME to the directory that holds "
+             "directory, <binary>/../share/netra or %s - set NETRA_HOME to the directory that holds "
              "lua/ and config/, or run `cmake --install`",
              NETRA_DATADIR);
     return -1;

@@ -57,7 +57,16 @@ struct server {
     int64_t stop_deadline_ms;
     conn ws_list; /* sentinel */
     lws_sorted_usec_list_t tick;
+
+    /* The last rendered /health documents, without and with detail, and
+     * when they were made (service thread only). */
+    char *snapshot[2];
+    int snapshot_status[2];
+    int64_t snapshot_ms[2];
 };
+
+/* How long a rendered /health document is served before a new one. */
+#define SNAPSHOT_MS 100
 
 int64_t server_now_ms(void) {
     struct timespec ts;
@@ -132,6 +141,7 @@ static bool wants_detail(server *srv, struct lws *wsi) {
  * Returns 0, or -1 to close the connection. */
 static int answer(conn *c, struct lws *wsi, int status, const char *type,
                   char *body) {
+    if (!body) return -1;
     size_t len = strlen(body);
     unsigned char head[LWS_PRE + 1024];
     unsigned char *start = head + LWS_PRE, *p = start;
@@ -180,11 +190,20 @@ static int answer_health(server *srv, conn *c, struct lws *wsi,
     bool detail = wants_detail(srv, wsi);
 
     if (!strcmp(path, "/health") || !strcmp(path, "/health/")) {
-        cJSON *doc = health_render(rt->health, detail,
-                                   config_environment(rt->cfg), phase);
-        health_status overall = health_overall(rt->health);
-        bool fail = !strcmp(health_status_word(overall), "fail");
-        return answer(c, wsi, fail ? 503 : 200, type, json_text(doc));
+        int v = detail ? 1 : 0;
+        int64_t now = server_now_ms();
+        if (!srv->snapshot[v] || now - srv->snapshot_ms[v] >= SNAPSHOT_MS) {
+            cJSON *doc = health_render(rt->health, detail,
+                                       config_environment(rt->cfg), phase);
+            health_status overall = health_overall(rt->health);
+            free(srv->snapshot[v]);
+            srv->snapshot[v] = json_text(doc);
+            srv->snapshot_status[v] =
+                strcmp(health_status_word(overall), "fail") ? 200 : 503;
+            srv->snapshot_ms[v] = now;
+        }
+        return answer(c, wsi, srv->snapshot_status[v], type,
+                      strdup(srv->snapshot[v]));
     }
     if (!strcmp(path, "/health/live")) {
         /* Answered by the service loop itself: it is alive. */
@@ -467,6 +486,10 @@ static void *service_main(void *arg) {
     lws_sul_cancel(&srv->tick);
     lws_context_destroy(srv->ctx);
     srv->ctx = NULL;
+    for (int v = 0; v < 2; v++) {
+        free(srv->snapshot[v]);
+        srv->snapshot[v] = NULL;
+    }
     return NULL;
 }
 
