@@ -41,8 +41,7 @@ typedef struct {
  * fine), nests deeper than the bound, holds a raw control character or
  * "\u0000" in a string, a number too large for a double, or an object with
  * the same key twice; or when memory runs out. */
-cJSON *json_parse(const char *text, size_t len, int max_depth,
-                  json_error *err);
+cJSON *json_parse(const char *text, size_t len, int max_depth, json_error *err);
 
 /* Checks strict UTF-8: no overlong forms, no surrogates (U+D800..DFFF),
  * nothing above U+10FFFF, no truncated sequence. NUL bytes are valid
@@ -64,7 +63,6 @@ bool json_raw_member(const char *text, size_t len, const char *name,
                      const char **start, size_t *n);
 
 /* json_raw_member(text, len, "id", start, n). */
-bool json_raw_id(const char *text, size_t len, const char **start,
-                 size_t *n);
+bool json_raw_id(const char *text, size_t len, const char **start, size_t *n);
 
 #endif

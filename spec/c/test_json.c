@@ -12,14 +12,12 @@
 #include "json.h"
 
 /* Parses a NUL-terminated text with the default depth. */
-static cJSON *parse(const char *text, json_error *err)
-{
+static cJSON *parse(const char *text, json_error *err) {
     return json_parse(text, strlen(text), 0, err);
 }
 
 /* Asserts that text is refused with exactly `message`. */
-static void refused(const char *text, size_t len, const char *message)
-{
+static void refused(const char *text, size_t len, const char *message) {
     json_error err = {0};
     cJSON *v = json_parse(text, len, 0, &err);
 
@@ -29,23 +27,19 @@ static void refused(const char *text, size_t len, const char *message)
     cJSON_Delete(v);
 }
 
-static void refused_s(const char *text, const char *message)
-{
+static void refused_s(const char *text, const char *message) {
     refused(text, strlen(text), message);
 }
 
-static void accepted(const char *text)
-{
+static void accepted(const char *text) {
     json_error err = {0};
     cJSON *v = parse(text, &err);
 
-    if (v == NULL)
-        fail_msg("text %.60s refused: %s", text, err.message);
+    if (v == NULL) fail_msg("text %.60s refused: %s", text, err.message);
     cJSON_Delete(v);
 }
 
-static void test_parses_plain_values(void **state)
-{
+static void test_parses_plain_values(void **state) {
     json_error err = {0};
     cJSON *v = parse(" {\"a\": [1, 2.5, -0, 1E+2, true, null],\n"
                      "  \"b\": \"caf\\u00e9 \\ud83d\\ude00 \xe2\x82\xac\"} ",
@@ -67,8 +61,7 @@ static void test_parses_plain_values(void **state)
     accepted("-1.5e-7");
 }
 
-static void test_does_not_need_a_nul_terminator(void **state)
-{
+static void test_does_not_need_a_nul_terminator(void **state) {
     const char text[] = "[1,2]xyz";
     json_error err = {0};
     cJSON *v = json_parse(text, 5, 0, &err);
@@ -84,8 +77,7 @@ static void test_does_not_need_a_nul_terminator(void **state)
                         "unexpected end of text inside an array at byte 4");
 }
 
-static char *nested(int levels, char open, char close)
-{
+static char *nested(int levels, char open, char close) {
     char *s = malloc((size_t)levels * 2 + 1);
 
     memset(s, open, (size_t)levels);
@@ -94,8 +86,7 @@ static char *nested(int levels, char open, char close)
     return s;
 }
 
-static void test_refuses_deep_nesting(void **state)
-{
+static void test_refuses_deep_nesting(void **state) {
     char *ok = nested(64, '[', ']');
     char *deep = nested(65, '[', ']');
     json_error err = {0};
@@ -131,32 +122,31 @@ static void test_refuses_deep_nesting(void **state)
     for (int i = 0; i < 65; i++)
         n += (size_t)sprintf(obj + n, "{\"a\":");
     assert_null(json_parse(obj, n, 0, &err));
-    assert_string_equal(err.message, "nested deeper than 64 levels at byte 320");
+    assert_string_equal(err.message,
+                        "nested deeper than 64 levels at byte 320");
 }
 
-static void test_refuses_invalid_utf8(void **state)
-{
+static void test_refuses_invalid_utf8(void **state) {
     /* The byte offset points at the first byte of the bad sequence. */
-    refused_s("\"abc\xc0\x80\"", "invalid UTF-8 at byte 4");     /* overlong */
+    refused_s("\"abc\xc0\x80\"", "invalid UTF-8 at byte 4");      /* overlong */
     refused_s("\"\xe0\x80\xaf\"", "invalid UTF-8 at byte 1");     /* overlong */
     refused_s("\"\xf0\x80\x80\xaf\"", "invalid UTF-8 at byte 1"); /* overlong */
-    refused_s("\"\xed\xa0\x80\"", "invalid UTF-8 at byte 1");   /* surrogate */
-    refused_s("\"\xed\xbf\xbf\"", "invalid UTF-8 at byte 1");   /* surrogate */
+    refused_s("\"\xed\xa0\x80\"", "invalid UTF-8 at byte 1"); /* surrogate */
+    refused_s("\"\xed\xbf\xbf\"", "invalid UTF-8 at byte 1"); /* surrogate */
     refused_s("\"\xf4\x90\x80\x80\"", "invalid UTF-8 at byte 1"); /* >10FFFF */
     refused_s("\"\xf5\x80\x80\x80\"", "invalid UTF-8 at byte 1");
     refused_s("\"\xff\"", "invalid UTF-8 at byte 1");
     refused_s("\"\x80\"", "invalid UTF-8 at byte 1"); /* lone continuation */
-    refused_s("\"ab\xe2\x82\"", "invalid UTF-8 at byte 3");   /* truncated */
+    refused_s("\"ab\xe2\x82\"", "invalid UTF-8 at byte 3");      /* truncated */
     refused_s("[\"ok\", \"\xe2\x82", "invalid UTF-8 at byte 8"); /* at end */
 
-    accepted("\"\xed\x9f\xbf\"");         /* U+D7FF */
-    accepted("\"\xee\x80\x80\"");         /* U+E000 */
-    accepted("\"\xf4\x8f\xbf\xbf\"");     /* U+10FFFF */
-    accepted("\"\xc2\x80\xdf\xbf\"");     /* U+0080, U+07FF */
+    accepted("\"\xed\x9f\xbf\"");     /* U+D7FF */
+    accepted("\"\xee\x80\x80\"");     /* U+E000 */
+    accepted("\"\xf4\x8f\xbf\xbf\""); /* U+10FFFF */
+    accepted("\"\xc2\x80\xdf\xbf\""); /* U+0080, U+07FF */
 }
 
-static void test_utf8_valid(void **state)
-{
+static void test_utf8_valid(void **state) {
     size_t at = 99;
 
     assert_true(json_utf8_valid("", 0));
@@ -182,8 +172,7 @@ static void test_utf8_valid(void **state)
     }
 }
 
-static void test_refuses_trailing_characters(void **state)
-{
+static void test_refuses_trailing_characters(void **state) {
     refused_s("{\"a\":1} x", "trailing characters after the JSON value at "
                              "byte 8");
     refused_s("1 2", "trailing characters after the JSON value at byte 2");
@@ -192,8 +181,7 @@ static void test_refuses_trailing_characters(void **state)
     accepted(" \t\r\n[1] \n");
 }
 
-static void test_refuses_nul_and_control_characters(void **state)
-{
+static void test_refuses_nul_and_control_characters(void **state) {
     refused_s("\"a\\u0000b\"",
               "\\u0000 in a string at byte 2 (NUL characters are not "
               "accepted)");
@@ -211,8 +199,7 @@ static void test_refuses_nul_and_control_characters(void **state)
     accepted("\"\\u0001\\\"\\\\\\/\\b\\f\\n\\r\\t\"");
 }
 
-static void test_refuses_bad_grammar(void **state)
-{
+static void test_refuses_bad_grammar(void **state) {
     refused_s("", "unexpected end of text at byte 0, expected a value");
     refused_s("   ", "unexpected end of text at byte 3, expected a value");
     refused_s("01", "trailing characters after the JSON value at byte 1");
@@ -233,8 +220,7 @@ static void test_refuses_bad_grammar(void **state)
     accepted("1e-400"); /* underflows to 0: still a number */
 }
 
-static void test_refuses_duplicate_keys(void **state)
-{
+static void test_refuses_duplicate_keys(void **state) {
     json_error err = {0};
 
     assert_null(parse("{\"limit\":5,\"limit\":\"x\"}", &err));
@@ -248,25 +234,21 @@ static void test_refuses_duplicate_keys(void **state)
     accepted("{\"a\":{\"a\":1},\"b\":{\"a\":2}}");
 }
 
-static void expect_id(const char *text, const char *want)
-{
+static void expect_id(const char *text, const char *want) {
     const char *start = NULL;
     size_t n = 0;
     bool found = json_raw_id(text, strlen(text), &start, &n);
 
     if (want == NULL) {
-        if (found)
-            fail_msg("%s: found an id %.*s", text, (int)n, start);
+        if (found) fail_msg("%s: found an id %.*s", text, (int)n, start);
         return;
     }
-    if (!found)
-        fail_msg("%s: no id found", text);
+    if (!found) fail_msg("%s: no id found", text);
     if (n != strlen(want) || memcmp(start, want, n) != 0)
         fail_msg("%s: id %.*s, wanted %s", text, (int)n, start, want);
 }
 
-static void test_raw_id(void **state)
-{
+static void test_raw_id(void **state) {
     expect_id("{\"jsonrpc\":\"2.0\",\"id\":12345678901234567890,\"m\":1}",
               "12345678901234567890");
     expect_id("{\"id\":9007199254740993}", "9007199254740993");
@@ -301,8 +283,7 @@ static void test_raw_id(void **state)
     assert_int_equal(n, 3);
 }
 
-int main(void)
-{
+int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parses_plain_values),
         cmocka_unit_test(test_does_not_need_a_nul_terminator),

@@ -18,18 +18,15 @@
 
 /* ---- helpers ---- */
 
-static cJSON *js(const char *text)
-{
+static cJSON *js(const char *text) {
     json_error err;
     cJSON *v = json_parse(text, strlen(text), 0, &err);
 
-    if (v == NULL)
-        fail_msg("bad JSON in the test: %s: %s", text, err.message);
+    if (v == NULL) fail_msg("bad JSON in the test: %s: %s", text, err.message);
     return v;
 }
 
-static schema_t *compile_text(const char *text, char *err, size_t n)
-{
+static schema_t *compile_text(const char *text, char *err, size_t n) {
     cJSON *doc = js(text);
     schema_t *s = schema_compile(doc, err, n);
 
@@ -37,18 +34,15 @@ static schema_t *compile_text(const char *text, char *err, size_t n)
     return s;
 }
 
-static schema_t *must_compile(const char *text)
-{
+static schema_t *must_compile(const char *text) {
     char err[256];
     schema_t *s = compile_text(text, err, sizeof err);
 
-    if (s == NULL)
-        fail_msg("schema %s refused: %s", text, err);
+    if (s == NULL) fail_msg("schema %s refused: %s", text, err);
     return s;
 }
 
-static void compile_fails(const char *text, const char *message)
-{
+static void compile_fails(const char *text, const char *message) {
     char err[256] = "";
     schema_t *s = compile_text(text, err, sizeof err);
 
@@ -59,8 +53,7 @@ static void compile_fails(const char *text, const char *message)
 
 /* Validates instance text; returns the result and leaves the message. */
 static bool check(const schema_t *s, const char *instance, char *err,
-                  size_t n)
-{
+                  size_t n) {
     cJSON *x = js(instance);
     bool ok = schema_validate(s, x, "arguments", err, n);
 
@@ -69,8 +62,7 @@ static bool check(const schema_t *s, const char *instance, char *err,
 }
 
 static void invalid_with(const char *schema, const char *instance,
-                         const char *message)
-{
+                         const char *message) {
     schema_t *s = must_compile(schema);
     char err[256] = "";
 
@@ -82,8 +74,7 @@ static void invalid_with(const char *schema, const char *instance,
     schema_free(s);
 }
 
-static void valid(const char *schema, const char *instance)
-{
+static void valid(const char *schema, const char *instance) {
     schema_t *s = must_compile(schema);
     char err[256] = "";
 
@@ -92,8 +83,7 @@ static void valid(const char *schema, const char *instance)
     schema_free(s);
 }
 
-static double now(void)
-{
+static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
@@ -101,14 +91,12 @@ static double now(void)
 
 /* ---- the suite ---- */
 
-static char *read_file(const char *path, size_t *len)
-{
+static char *read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     char *buf = NULL;
     long n;
 
-    if (f == NULL)
-        return NULL;
+    if (f == NULL) return NULL;
     if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 &&
         fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)n + 1)) != NULL) {
         *len = fread(buf, 1, (size_t)n, f);
@@ -118,8 +106,7 @@ static char *read_file(const char *path, size_t *len)
     return buf;
 }
 
-static int cmp_names(const void *a, const void *b)
-{
+static int cmp_names(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
@@ -130,15 +117,13 @@ typedef struct {
     int nreasons;
 } tally;
 
-static void count_reason(tally *t, const char *err)
-{
+static void count_reason(tally *t, const char *err) {
     char reason[96];
 
     /* "unsupported keyword \"x\" at path" -> up to " at ". */
     snprintf(reason, sizeof reason, "%s", err);
     char *at = strstr(reason, " at ");
-    if (at != NULL)
-        *at = '\0';
+    if (at != NULL) *at = '\0';
     if (strncmp(reason, "unsupported $ref", 16) == 0)
         snprintf(reason, sizeof reason, "unsupported $ref form");
     if (strncmp(reason, "unsupported $schema", 19) == 0)
@@ -150,25 +135,54 @@ static void count_reason(tally *t, const char *err)
         }
     }
     if (t->nreasons < 64) {
-        snprintf(t->reasons[t->nreasons], sizeof t->reasons[0], "%s",
-                 reason);
+        snprintf(t->reasons[t->nreasons], sizeof t->reasons[0], "%s", reason);
         t->reason_count[t->nreasons++] = 1;
     }
 }
 
 /* Is a compile error an honest "unsupported"? The keyword it names must
  * really be a key in the group's schema, and not one we claim to do. */
-static bool honest_skip(const cJSON *schema, const char *err)
-{
+static bool honest_skip(const cJSON *schema, const char *err) {
     static const char *const supported[] = {
-        "type", "properties", "required", "additionalProperties", "items",
-        "prefixItems", "enum", "const", "minimum", "maximum",
-        "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
-        "maxLength", "pattern", "minItems", "maxItems", "uniqueItems",
-        "minProperties", "maxProperties", "anyOf", "oneOf", "allOf", "not",
-        "$defs", "definitions", "title", "description", "default",
-        "examples", "deprecated", "readOnly", "writeOnly", "$comment",
-        "$schema", "format", "contentMediaType", "contentEncoding",
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "prefixItems",
+        "enum",
+        "const",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "minItems",
+        "maxItems",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "not",
+        "$defs",
+        "definitions",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "$comment",
+        "$schema",
+        "format",
+        "contentMediaType",
+        "contentEncoding",
     };
     const char *prefix = "unsupported keyword \"";
     const char *meta = "https://json-schema.org/draft/2020-12/schema";
@@ -180,18 +194,15 @@ static bool honest_skip(const cJSON *schema, const char *err)
         /* Remote, relative or anchor refs: never starting "#/" or "#\"". */
         return !(err[18] == '#' && (err[19] == '/' || err[19] == '"'));
     }
-    if (strncmp(err, prefix, strlen(prefix)) != 0)
-        return false;
+    if (strncmp(err, prefix, strlen(prefix)) != 0) return false;
 
     char kw[64];
     const char *start = err + strlen(prefix), *end = strchr(start, '"');
-    if (end == NULL || (size_t)(end - start) >= sizeof kw)
-        return false;
+    if (end == NULL || (size_t)(end - start) >= sizeof kw) return false;
     memcpy(kw, start, (size_t)(end - start));
     kw[end - start] = '\0';
     for (size_t i = 0; i < sizeof supported / sizeof *supported; i++)
-        if (strcmp(kw, supported[i]) == 0)
-            return false;
+        if (strcmp(kw, supported[i]) == 0) return false;
 
     char quoted[80];
     snprintf(quoted, sizeof quoted, "\"%s\":", kw);
@@ -201,8 +212,7 @@ static bool honest_skip(const cJSON *schema, const char *err)
     return there;
 }
 
-static void run_group(const char *file, const cJSON *group, tally *t)
-{
+static void run_group(const char *file, const cJSON *group, tally *t) {
     const char *gdesc =
         cJSON_GetStringValue(cJSON_GetObjectItem(group, "description"));
     const cJSON *schema_json = cJSON_GetObjectItem(group, "schema");
@@ -223,14 +233,13 @@ static void run_group(const char *file, const cJSON *group, tally *t)
 
     bool group_ok = true;
     const cJSON *test;
-    cJSON_ArrayForEach(test, cJSON_GetObjectItem(group, "tests"))
-    {
+    cJSON_ArrayForEach(test, cJSON_GetObjectItem(group, "tests")) {
         const char *tdesc =
             cJSON_GetStringValue(cJSON_GetObjectItem(test, "description"));
         bool want = cJSON_IsTrue(cJSON_GetObjectItem(test, "valid"));
         err[0] = '\0';
-        bool got = schema_validate(s, cJSON_GetObjectItem(test, "data"),
-                                   "data", err, sizeof err);
+        bool got = schema_validate(s, cJSON_GetObjectItem(test, "data"), "data",
+                                   err, sizeof err);
         if (got != want) {
             group_ok = false;
             print_error("FAIL %s / %s / %s: wanted %s, got %s (%s)\n", file,
@@ -245,8 +254,7 @@ static void run_group(const char *file, const cJSON *group, tally *t)
     schema_free(s);
 }
 
-static void test_json_schema_suite(void **state)
-{
+static void test_json_schema_suite(void **state) {
     const char *shared = getenv("NETRA_SHARED_DIR");
     char dir[1024];
 
@@ -280,8 +288,7 @@ static void test_json_schema_suite(void **state)
         /* Trusted test data, read with cJSON itself: some groups hold
          * "\u0000", which the front door (json_parse) refuses. */
         cJSON *groups = cJSON_ParseWithLength(text, len);
-        if (groups == NULL)
-            fail_msg("%s does not parse", path);
+        if (groups == NULL) fail_msg("%s does not parse", path);
         const cJSON *group;
         cJSON_ArrayForEach(group, groups) run_group(names[i], group, t);
         cJSON_Delete(groups);
@@ -293,8 +300,7 @@ static void test_json_schema_suite(void **state)
                   "keywords), %d failed\n",
                   t->passed, t->skipped, t->failed);
     for (int i = 0; i < t->nreasons; i++)
-        print_message("  skipped %3d: %s\n", t->reason_count[i],
-                      t->reasons[i]);
+        print_message("  skipped %3d: %s\n", t->reason_count[i], t->reasons[i]);
     int failed = t->failed, passed = t->passed;
     free(t);
     assert_int_equal(failed, 0);
@@ -304,8 +310,7 @@ static void test_json_schema_suite(void **state)
 
 /* ---- compile errors ---- */
 
-static void test_compile_errors_name_the_place(void **state)
-{
+static void test_compile_errors_name_the_place(void **state) {
     compile_fails("{\"properties\":{\"x\":{\"$dynamicRef\":\"#a\"}}}",
                   "unsupported keyword \"$dynamicRef\" at properties.x");
     compile_fails("{\"if\":true}",
@@ -334,8 +339,7 @@ static void test_compile_errors_name_the_place(void **state)
                   "$id is accepted) at properties.p");
 }
 
-static void test_compile_errors_for_patterns_and_refs(void **state)
-{
+static void test_compile_errors_for_patterns_and_refs(void **state) {
     char err[256];
     schema_t *s = compile_text("{\"properties\":{\"id\":{\"pattern\":"
                                "\"^(ab\"}}}",
@@ -375,16 +379,16 @@ static void test_compile_errors_for_patterns_and_refs(void **state)
 
 /* ---- validation messages ---- */
 
-static void test_validation_messages_name_the_path(void **state)
-{
+static void test_validation_messages_name_the_path(void **state) {
     const char *tool = "{\"type\":\"object\",\"properties\":{\"items\":"
                        "{\"type\":\"array\",\"items\":{\"type\":\"object\","
                        "\"properties\":{\"name\":{\"type\":\"string\"}},"
                        "\"required\":[\"name\"]}}},"
                        "\"additionalProperties\":false}";
 
-    invalid_with(tool, "{\"items\":[{\"name\":\"a\"},{\"name\":\"b\"},"
-                       "{\"name\":3}]}",
+    invalid_with(tool,
+                 "{\"items\":[{\"name\":\"a\"},{\"name\":\"b\"},"
+                 "{\"name\":3}]}",
                  "arguments.items[2].name: expected string");
     invalid_with(tool, "{\"items\":[{}]}",
                  "arguments.items[0]: missing required property \"name\"");
@@ -441,8 +445,7 @@ static void test_validation_messages_name_the_path(void **state)
     schema_free(s);
 }
 
-static void test_numbers(void **state)
-{
+static void test_numbers(void **state) {
     valid("{\"type\":\"integer\"}", "1.0");
     valid("{\"type\":\"integer\"}", "-9007199254740993");
     invalid_with("{\"type\":\"integer\"}", "1.5",
@@ -463,8 +466,7 @@ static void test_numbers(void **state)
 
 /* ---- limits ---- */
 
-static void test_catastrophic_pattern_returns_promptly(void **state)
-{
+static void test_catastrophic_pattern_returns_promptly(void **state) {
     schema_t *s = must_compile("{\"pattern\":\"^(a+)+$\"}");
     char text[80], err[256];
 
@@ -501,8 +503,7 @@ static void test_catastrophic_pattern_returns_promptly(void **state)
     schema_free(s);
 }
 
-static void test_ref_cycles_end(void **state)
-{
+static void test_ref_cycles_end(void **state) {
     char err[256];
     schema_t *s = must_compile("{\"$ref\":\"#\"}");
 
@@ -534,8 +535,7 @@ static void test_ref_cycles_end(void **state)
     schema_free(s);
 }
 
-static void test_exponential_schema_is_bounded(void **state)
-{
+static void test_exponential_schema_is_bounded(void **state) {
     /* d0 -> two refs to d1 -> ... -> d39 = false: 2^40 paths. */
     char text[8192];
     size_t n = (size_t)sprintf(text, "{\"$defs\":{");
@@ -550,8 +550,7 @@ static void test_exponential_schema_is_bounded(void **state)
     double t0 = now();
 
     assert_false(check(s, "1", err, sizeof err));
-    print_message("exponential schema: %s (%.3f s)\n", err,
-                  now() - t0);
+    print_message("exponential schema: %s (%.3f s)\n", err, now() - t0);
     assert_non_null(strstr(err, "too much work"));
     schema_free(s);
 }
@@ -564,8 +563,7 @@ typedef struct {
     int wrong;
 } worker;
 
-static void *work(void *arg)
-{
+static void *work(void *arg) {
     worker *w = arg;
     char err[256];
 
@@ -580,8 +578,7 @@ static void *work(void *arg)
     return NULL;
 }
 
-static void test_one_schema_from_four_threads(void **state)
-{
+static void test_one_schema_from_four_threads(void **state) {
     schema_t *s = must_compile(
         "{\"type\":\"object\",\"required\":[\"tags\"],\"properties\":{"
         "\"tags\":{\"type\":\"array\",\"uniqueItems\":true,\"items\":"
@@ -605,8 +602,7 @@ static void test_one_schema_from_four_threads(void **state)
     schema_free(s);
 }
 
-int main(void)
-{
+int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_json_schema_suite),
         cmocka_unit_test(test_compile_errors_name_the_place),
