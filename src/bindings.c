@@ -536,6 +536,28 @@ static const luaL_Reg startup_funcs[] = {
     {NULL, NULL},
 };
 
+/* ---- netra.server ------------------------------------------------------------- */
+
+/* netra.server.set_auth{anonymous = bool, require_exp = bool}: who may
+ * connect to /ws. A no-op outside `netra serve`. */
+static int l_server_set_auth(lua_State *L) {
+    runtime *rt = rt_of(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    server_auth auth;
+    lua_getfield(L, 1, "anonymous");
+    auth.anonymous = lua_toboolean(L, -1);
+    lua_getfield(L, 1, "require_exp");
+    auth.require_exp = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+    if (rt->server) server_set_auth(rt->server, &auth);
+    return 0;
+}
+
+static const luaL_Reg server_funcs[] = {
+    {"set_auth", l_server_set_auth},
+    {NULL, NULL},
+};
+
 /* ---- the module ---------------------------------------------------------------- */
 
 static void add_section(lua_State *L, runtime *rt, const char *name,
@@ -558,6 +580,7 @@ int bindings_push(lua_State *L, runtime *rt) {
     add_section(L, rt, "log", log_funcs);
     add_section(L, rt, "health", health_funcs);
     add_section(L, rt, "startup", startup_funcs);
+    add_section(L, rt, "server", server_funcs);
     return 1;
 }
 

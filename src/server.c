@@ -17,20 +17,58 @@
 #include <libwebsockets.h>
 #include <openssl/crypto.h>
 
+#include "context.h"
+#include "jwt.h"
 #include "log.h"
 
 #define TICK_US (250 * 1000)
 #define RECENT_STALL_MS (60 * 1000)
 
-/* One connection: an HTTP request being answered, or a WebSocket. */
+#define BUCKETS 4096
+#define PENDING_MAX 256
+
+/* A message waiting to be written, with LWS_PRE bytes of headroom. */
+typedef struct outmsg {
+    struct outmsg *next;
+    size_t len;
+    unsigned char data[];
+} outmsg;
+
+/* One connection: an HTTP request being answered, or a WebSocket. All of
+ * it belongs to the service thread. */
 typedef struct conn {
-    struct conn *next, *prev; /* WebSocket list, service thread only */
+    struct conn *next, *prev; /* WebSocket list */
+    struct conn *hnext;       /* id hash chain */
     struct lws *wsi;
+    uint64_t id;
     bool is_ws;
     bool closing;
+    int close_code;
+    char close_reason[96];
     unsigned char *body; /* HTTP answer waiting for WRITEABLE, LWS_PRE */
     size_t body_len;
+    char *rx; /* the message being reassembled */
+    size_t rx_len, rx_cap;
+    outmsg *out_head, *out_tail;
+    size_t out_bytes;
 } conn;
+
+/* Work handed to the service thread by other threads. */
+enum { INBOX_SEND, INBOX_CLOSE, INBOX_BROADCAST };
+typedef struct inbox_item {
+    struct inbox_item *next;
+    int kind;
+    uint64_t conn_id;
+    int code;
+    char *text;
+    size_t len;
+} inbox_item;
+
+/* A user authenticated during the handshake, until ESTABLISHED. */
+typedef struct {
+    struct lws *wsi;
+    char user_id[CTX_ID_MAX + 1];
+} pending_user;
 
 struct server {
     runtime *rt;
@@ -57,6 +95,17 @@ struct server {
     int64_t stop_deadline_ms;
     conn ws_list; /* sentinel */
     lws_sorted_usec_list_t tick;
+    lws_retry_bo_t keepalive;
+
+    conn *buckets[BUCKETS]; /* open WebSockets by id */
+    uint64_t next_id;
+    pending_user pending[PENDING_MAX];
+
+    pthread_mutex_t inbox_lock; /* guards inbox, handler and auth */
+    inbox_item *inbox_head, *inbox_tail;
+    server_handler handler;
+    server_auth auth;
+    atomic_bool refuse_new;
 
     /* The last rendered /health documents, without and with detail, and
      * when they were made (service thread only). */
@@ -269,18 +318,142 @@ static int refuse_upgrade(struct lws *wsi, int status, const char *why) {
     return 1;
 }
 
+/* The user a client authenticates as, or an HTTP status refusing it with
+ * `why` filled. Reads the token from Authorization: Bearer, else from the
+ * `token` query parameter (never logged). */
+static int authenticate(server *srv, struct lws *wsi, char *user,
+                        size_t user_size, char *why, size_t why_size) {
+    pthread_mutex_lock(&srv->inbox_lock);
+    server_auth auth = srv->auth;
+    pthread_mutex_unlock(&srv->inbox_lock);
+
+    char token[JWT_MAX_TOKEN + 1];
+    char header[JWT_MAX_TOKEN + 64];
+    token[0] = '\0';
+    if (lws_hdr_copy(wsi, header, sizeof header,
+                     WSI_TOKEN_HTTP_AUTHORIZATION) > 0 &&
+        jwt_bearer_token(header, token, sizeof token) < 0) {
+        snprintf(why, why_size, "malformed Authorization header");
+        return 401;
+    }
+    for (int i = 0; !token[0]; i++) {
+        char arg[JWT_MAX_TOKEN + 16];
+        int n = lws_hdr_copy_fragment(wsi, arg, sizeof arg,
+                                      WSI_TOKEN_HTTP_URI_ARGS, i);
+        if (n <= 0) break;
+        if (!strncmp(arg, "token=", 6))
+            snprintf(token, sizeof token, "%.*s", JWT_MAX_TOKEN, arg + 6);
+    }
+
+    if (!token[0]) {
+        if (!auth.anonymous) {
+            snprintf(why, why_size,
+                     "missing token: send Authorization: Bearer <jwt> or "
+                     "?token=<jwt> (get one with `netra token --user NAME`)");
+            return 401;
+        }
+        char name[CTX_ID_MAX + 2] = "";
+        int n = lws_hdr_custom_copy(wsi, name, sizeof name, "x-netra-user:",
+                                    13);
+        const char *id = n > 0 ? name : "dev_user";
+        char err[256];
+        if (!ctx_validate_id("X-Netra-User", id, err, sizeof err)) {
+            snprintf(why, why_size, "%s", err);
+            return 401;
+        }
+        snprintf(user, user_size, "%s", id);
+        return 0;
+    }
+
+    const char *secret = config_get(srv->rt->cfg, "NETRA_JWT_SECRET");
+    jwt_claims claims;
+    char err[256];
+    jwt_result r = jwt_verify(token, secret, time(NULL), JWT_LEEWAY_S,
+                              auth.require_exp, &claims, err, sizeof err);
+    if (r != JWT_OK) {
+        snprintf(why, why_size, "token refused (%s): %s",
+                 jwt_result_name(r), err);
+        return 401;
+    }
+    snprintf(user, user_size, "%s", claims.sub);
+    return 0;
+}
+
+/* True when NETRA_ALLOWED_ORIGINS is unset or lists the request's Origin
+ * (comma separated, exact match). */
+static bool origin_allowed(server *srv, struct lws *wsi, char *origin,
+                           size_t size) {
+    const char *allowed = config_get(srv->rt->cfg, "NETRA_ALLOWED_ORIGINS");
+    origin[0] = '\0';
+    lws_hdr_copy(wsi, origin, (int)size, WSI_TOKEN_ORIGIN);
+    if (!allowed) return true;
+    size_t n = strlen(origin);
+    for (const char *p = allowed; *p;) {
+        while (*p == ' ' || *p == ',') p++;
+        size_t len = strcspn(p, ",");
+        size_t trimmed = len;
+        while (trimmed && p[trimmed - 1] == ' ') trimmed--;
+        if (n && trimmed == n && !strncmp(p, origin, n)) return true;
+        p += len;
+    }
+    return false;
+}
+
+static void remember_user(server *srv, struct lws *wsi, const char *user) {
+    for (int i = 0; i < PENDING_MAX; i++) {
+        if (!srv->pending[i].wsi || srv->pending[i].wsi == wsi) {
+            srv->pending[i].wsi = wsi;
+            snprintf(srv->pending[i].user_id, sizeof srv->pending[i].user_id,
+                     "%s", user);
+            return;
+        }
+    }
+}
+
+/* Takes the user remembered for wsi; false when there is none. */
+static bool take_user(server *srv, struct lws *wsi, char *user, size_t n) {
+    for (int i = 0; i < PENDING_MAX; i++) {
+        if (srv->pending[i].wsi == wsi) {
+            snprintf(user, n, "%s", srv->pending[i].user_id);
+            srv->pending[i].wsi = NULL;
+            return true;
+        }
+    }
+    return false;
+}
+
+static void forget_user(server *srv, struct lws *wsi) {
+    for (int i = 0; i < PENDING_MAX; i++)
+        if (srv->pending[i].wsi == wsi) srv->pending[i].wsi = NULL;
+}
+
 static int on_confirm_upgrade(server *srv, struct lws *wsi) {
-    char uri[256] = "";
+    char uri[256] = "", peer[128] = "", why[512], origin[512];
     lws_hdr_copy(wsi, uri, sizeof uri, WSI_TOKEN_GET_URI);
+    lws_get_peer_simple(wsi, peer, sizeof peer);
     if (strcmp(uri, "/ws"))
         return refuse_upgrade(wsi, 404, "WebSocket clients connect to /ws");
-    if (!runtime_ready(srv->rt)) {
-        char phase[32], why[128];
+    if (atomic_load(&srv->refuse_new) || !runtime_ready(srv->rt)) {
+        char phase[32];
         runtime_phase(srv->rt, phase, sizeof phase);
         snprintf(why, sizeof why, "not ready (phase: %s) - retry shortly",
                  phase);
         return refuse_upgrade(wsi, 503, why);
     }
+    if (!origin_allowed(srv, wsi, origin, sizeof origin)) {
+        log_msg(NLOG_WARN, "bridge",
+                "refused a WebSocket client from %s: Origin '%.200s' is not "
+                "in NETRA_ALLOWED_ORIGINS", peer, origin);
+        return refuse_upgrade(wsi, 403, "Origin not allowed");
+    }
+    char user[CTX_ID_MAX + 1];
+    int status = authenticate(srv, wsi, user, sizeof user, why, sizeof why);
+    if (status) {
+        log_msg(NLOG_WARN, "bridge", "refused a WebSocket client from %s: %s",
+                peer, why);
+        return refuse_upgrade(wsi, status, why);
+    }
+    remember_user(srv, wsi, user);
     return 0;
 }
 
@@ -291,31 +464,222 @@ static void ws_link(server *srv, conn *c) {
     c->prev = &srv->ws_list;
     srv->ws_list.next->prev = c;
     srv->ws_list.next = c;
+    conn **b = &srv->buckets[c->id % BUCKETS];
+    c->hnext = *b;
+    *b = c;
 }
 
-static void ws_unlink(conn *c) {
+static void ws_unlink(server *srv, conn *c) {
     if (!c->next) return;
     c->prev->next = c->next;
     c->next->prev = c->prev;
     c->next = c->prev = NULL;
+    for (conn **p = &srv->buckets[c->id % BUCKETS]; *p; p = &(*p)->hnext) {
+        if (*p == c) {
+            *p = c->hnext;
+            break;
+        }
+    }
+}
+
+static conn *find_conn(server *srv, uint64_t id) {
+    for (conn *c = srv->buckets[id % BUCKETS]; c; c = c->hnext)
+        if (c->id == id) return c;
+    return NULL;
+}
+
+static void free_conn_buffers(conn *c) {
+    free(c->rx);
+    c->rx = NULL;
+    c->rx_len = c->rx_cap = 0;
+    while (c->out_head) {
+        outmsg *m = c->out_head;
+        c->out_head = m->next;
+        free(m);
+    }
+    c->out_tail = NULL;
+    c->out_bytes = 0;
+}
+
+/* Marks a connection to close with code and reason at its next
+ * WRITEABLE (service thread). */
+static void start_close(conn *c, int code, const char *reason) {
+    if (c->closing) return;
+    c->closing = true;
+    c->close_code = code;
+    snprintf(c->close_reason, sizeof c->close_reason, "%s", reason);
+    lws_callback_on_writable(c->wsi);
+}
+
+/* Queues a message on a connection; takes m. */
+static void enqueue(server *srv, conn *c, outmsg *m) {
+    if (c->closing) {
+        free(m);
+        return;
+    }
+    m->next = NULL;
+    if (c->out_tail) c->out_tail->next = m;
+    else c->out_head = m;
+    c->out_tail = m;
+    c->out_bytes += m->len;
+    if (c->out_bytes > srv->opts.max_outbox_bytes) {
+        log_msg(NLOG_WARN, "bridge",
+                "closing connection %llu: %zu bytes queued for a client that "
+                "does not read (limit %zu)",
+                (unsigned long long)c->id, c->out_bytes,
+                srv->opts.max_outbox_bytes);
+        start_close(c, LWS_CLOSE_STATUS_POLICY_VIOLATION,
+                    "client too slow: outgoing queue over its limit");
+        return;
+    }
+    lws_callback_on_writable(c->wsi);
+}
+
+static outmsg *new_outmsg(const char *text, size_t len) {
+    outmsg *m = malloc(sizeof *m + LWS_PRE + len);
+    if (!m) return NULL;
+    m->len = len;
+    memcpy(m->data + LWS_PRE, text, len);
+    return m;
 }
 
 /* Starts closing every WebSocket with 1001 (service thread). */
 static void close_all(server *srv) {
-    for (conn *c = srv->ws_list.next; c != &srv->ws_list; c = c->next) {
-        c->closing = true;
-        lws_callback_on_writable(c->wsi);
+    for (conn *c = srv->ws_list.next; c != &srv->ws_list; c = c->next)
+        start_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "server shutting down");
+}
+
+/* Moves work from other threads onto connections (service thread). */
+static void drain_inbox(server *srv) {
+    pthread_mutex_lock(&srv->inbox_lock);
+    inbox_item *it = srv->inbox_head;
+    srv->inbox_head = srv->inbox_tail = NULL;
+    pthread_mutex_unlock(&srv->inbox_lock);
+
+    while (it) {
+        inbox_item *next = it->next;
+        if (it->kind == INBOX_BROADCAST) {
+            for (conn *c = srv->ws_list.next; c != &srv->ws_list;
+                 c = c->next) {
+                outmsg *m = new_outmsg(it->text, it->len);
+                if (m) enqueue(srv, c, m);
+            }
+        } else {
+            conn *c = find_conn(srv, it->conn_id);
+            if (c && it->kind == INBOX_SEND) {
+                outmsg *m = new_outmsg(it->text, it->len);
+                if (m) enqueue(srv, c, m);
+            } else if (c && it->kind == INBOX_CLOSE) {
+                start_close(c, it->code, it->text ? it->text : "");
+            }
+        }
+        free(it->text);
+        free(it);
+        it = next;
     }
+}
+
+static void push_inbox(server *srv, inbox_item *it) {
+    it->next = NULL;
+    pthread_mutex_lock(&srv->inbox_lock);
+    if (srv->inbox_tail) srv->inbox_tail->next = it;
+    else srv->inbox_head = it;
+    srv->inbox_tail = it;
+    pthread_mutex_unlock(&srv->inbox_lock);
+    if (srv->ctx) lws_cancel_service(srv->ctx);
 }
 
 static int on_ws_writeable(conn *c, struct lws *wsi) {
     if (c->closing) {
-        static const char why[] = "server shutting down";
-        lws_close_reason(wsi, LWS_CLOSE_STATUS_GOINGAWAY,
+        lws_close_reason(wsi, (enum lws_close_status)c->close_code,
+                         (unsigned char *)c->close_reason,
+                         strlen(c->close_reason));
+        return -1;
+    }
+    outmsg *m = c->out_head;
+    if (!m) return 0;
+    int n = lws_write(wsi, m->data + LWS_PRE, m->len, LWS_WRITE_TEXT);
+    if (n < (int)m->len) return -1;
+    c->out_head = m->next;
+    if (!c->out_head) c->out_tail = NULL;
+    c->out_bytes -= m->len;
+    free(m);
+    if (c->out_head) lws_callback_on_writable(wsi);
+    return 0;
+}
+
+/* Adds a received fragment; delivers the message when complete. Returns
+ * -1 to close (the close reason is set). */
+static int on_ws_receive(server *srv, conn *c, struct lws *wsi,
+                         const void *in, size_t len) {
+    if (c->closing) return 0;
+    if (lws_frame_is_binary(wsi)) {
+        static const char why[] = "binary messages are not accepted";
+        lws_close_reason(wsi, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE,
                          (unsigned char *)why, sizeof why - 1);
         return -1;
     }
+    if (c->rx_len + len > srv->opts.max_message_bytes) {
+        char why[96];
+        snprintf(why, sizeof why, "message larger than %zu bytes",
+                 srv->opts.max_message_bytes);
+        log_msg(NLOG_WARN, "bridge", "closing connection %llu: %s",
+                (unsigned long long)c->id, why);
+        lws_close_reason(wsi, LWS_CLOSE_STATUS_MESSAGE_TOO_LARGE,
+                         (unsigned char *)why, strlen(why));
+        return -1;
+    }
+    if (c->rx_len + len + 1 > c->rx_cap) {
+        size_t cap = c->rx_cap ? c->rx_cap : 4096;
+        while (cap < c->rx_len + len + 1) cap *= 2;
+        char *grown = realloc(c->rx, cap);
+        if (!grown) return -1;
+        c->rx = grown;
+        c->rx_cap = cap;
+    }
+    memcpy(c->rx + c->rx_len, in, len);
+    c->rx_len += len;
+    if (!lws_is_final_fragment(wsi) || lws_remaining_packet_payload(wsi))
+        return 0;
+
+    c->rx[c->rx_len] = '\0';
+    size_t n = c->rx_len;
+    c->rx_len = 0;
+    if (srv->handler.on_message)
+        srv->handler.on_message(srv->handler.ud, c->id, c->rx, n);
+    if (c->rx_cap > 65536) {
+        free(c->rx);
+        c->rx = NULL;
+        c->rx_cap = 0;
+    }
     return 0;
+}
+
+static int on_ws_established(server *srv, conn *c, struct lws *wsi) {
+    char user[CTX_ID_MAX + 1];
+    memset(c, 0, sizeof *c);
+    c->wsi = wsi;
+    if (!take_user(srv, wsi, user, sizeof user)) return -1;
+    c->id = ++srv->next_id;
+    c->is_ws = true;
+    ws_link(srv, c);
+    atomic_fetch_add(&srv->connections, 1);
+    if (srv->closing_all) {
+        start_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "server shutting down");
+        return 0;
+    }
+    if (srv->handler.on_open)
+        srv->handler.on_open(srv->handler.ud, c->id, user);
+    return 0;
+}
+
+static void on_ws_closed(server *srv, conn *c) {
+    if (!c || !c->is_ws) return;
+    ws_unlink(srv, c);
+    c->is_ws = false;
+    free_conn_buffers(c);
+    atomic_fetch_sub(&srv->connections, 1);
+    if (srv->handler.on_close) srv->handler.on_close(srv->handler.ud, c->id);
 }
 
 /* ---- the callback ------------------------------------------------------ */
@@ -344,7 +708,7 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason,
 
     case LWS_CALLBACK_CLOSED_HTTP:
     case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
-        if (c && c->body) {
+        if (c && !c->is_ws && c->body) {
             free(c->body);
             c->body = NULL;
         }
@@ -354,35 +718,26 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason,
         return on_confirm_upgrade(srv, wsi);
 
     case LWS_CALLBACK_ESTABLISHED:
-        memset(c, 0, sizeof *c);
-        c->wsi = wsi;
-        c->is_ws = true;
-        ws_link(srv, c);
-        atomic_fetch_add(&srv->connections, 1);
-        if (srv->closing_all) {
-            c->closing = true;
-            lws_callback_on_writable(wsi);
-        }
-        return 0;
+        return on_ws_established(srv, c, wsi);
 
     case LWS_CALLBACK_SERVER_WRITEABLE:
-        return on_ws_writeable(c, wsi);
+        return c && c->is_ws ? on_ws_writeable(c, wsi) : 0;
 
     case LWS_CALLBACK_RECEIVE:
-        (void)in;
-        (void)len;
-        return 0;
+        return c && c->is_ws ? on_ws_receive(srv, c, wsi, in, len) : -1;
 
     case LWS_CALLBACK_CLOSED:
-        if (c && c->is_ws) {
-            ws_unlink(c);
-            c->is_ws = false;
-            atomic_fetch_sub(&srv->connections, 1);
-        }
+        on_ws_closed(srv, c);
+        return 0;
+
+    case LWS_CALLBACK_WSI_DESTROY:
+        forget_user(srv, wsi);
         return 0;
 
     case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
-        if (srv && atomic_load(&srv->stop_requested) && !srv->closing_all) {
+        if (!srv) return 0;
+        drain_inbox(srv);
+        if (atomic_load(&srv->stop_requested) && !srv->closing_all) {
             srv->closing_all = true;
             close_all(srv);
         }
@@ -453,6 +808,7 @@ static void *service_main(void *arg) {
     info.user = srv;
     info.max_http_header_data = (unsigned short)srv->opts.max_header_bytes;
     info.options = LWS_SERVER_OPTION_VALIDATE_UTF8;
+    info.retry_and_idle_policy = &srv->keepalive;
     /* An IPv4 iface on an IPv6 build would listen everywhere. */
     if (!strchr(srv->opts.host, ':'))
         info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
@@ -504,7 +860,15 @@ server *server_start(runtime *rt, const server_options *opts, char *err,
     srv->opts = *opts;
     if (srv->opts.stall_ms <= 0) srv->opts.stall_ms = 2000;
     if (srv->opts.max_header_bytes <= 0) srv->opts.max_header_bytes = 16384;
+    if (!srv->opts.max_message_bytes) srv->opts.max_message_bytes = 1 << 20;
+    if (!srv->opts.max_outbox_bytes) srv->opts.max_outbox_bytes = 8u << 20;
+    if (srv->opts.ping_s <= 0) srv->opts.ping_s = 30;
+    if (srv->opts.hangup_s <= srv->opts.ping_s)
+        srv->opts.hangup_s = srv->opts.ping_s + 10;
+    srv->keepalive.secs_since_valid_ping = (uint16_t)srv->opts.ping_s;
+    srv->keepalive.secs_since_valid_hangup = (uint16_t)srv->opts.hangup_s;
     srv->ws_list.next = srv->ws_list.prev = &srv->ws_list;
+    pthread_mutex_init(&srv->inbox_lock, NULL);
     pthread_mutex_init(&srv->lock, NULL);
     pthread_cond_init(&srv->cond, NULL);
 
@@ -540,8 +904,60 @@ int server_connections(const server *srv) {
     return atomic_load(&((server *)srv)->connections);
 }
 
+void server_set_handler(server *srv, const server_handler *handler) {
+    pthread_mutex_lock(&srv->inbox_lock);
+    srv->handler = *handler;
+    pthread_mutex_unlock(&srv->inbox_lock);
+}
+
+void server_set_auth(server *srv, const server_auth *auth) {
+    pthread_mutex_lock(&srv->inbox_lock);
+    srv->auth = *auth;
+    pthread_mutex_unlock(&srv->inbox_lock);
+}
+
+int server_send(server *srv, uint64_t conn_id, char *text, size_t len) {
+    inbox_item *it = calloc(1, sizeof *it);
+    if (!it || atomic_load(&srv->stop_requested)) {
+        free(it);
+        free(text);
+        return -1;
+    }
+    it->kind = INBOX_SEND;
+    it->conn_id = conn_id;
+    it->text = text;
+    it->len = len;
+    push_inbox(srv, it);
+    return 0;
+}
+
+void server_broadcast(server *srv, const char *text) {
+    inbox_item *it = calloc(1, sizeof *it);
+    if (!it) return;
+    it->kind = INBOX_BROADCAST;
+    it->text = strdup(text);
+    it->len = it->text ? strlen(text) : 0;
+    push_inbox(srv, it);
+}
+
+void server_close(server *srv, uint64_t conn_id, int code,
+                  const char *reason) {
+    inbox_item *it = calloc(1, sizeof *it);
+    if (!it) return;
+    it->kind = INBOX_CLOSE;
+    it->conn_id = conn_id;
+    it->code = code;
+    it->text = strdup(reason ? reason : "");
+    push_inbox(srv, it);
+}
+
+void server_begin_close(server *srv) {
+    atomic_store(&srv->refuse_new, true);
+}
+
 void server_stop(server *srv, int grace_ms) {
     if (!srv || !srv->thread_started) return;
+    atomic_store(&srv->refuse_new, true);
     srv->stop_deadline_ms = server_now_ms() + (grace_ms > 0 ? grace_ms : 0);
     atomic_store(&srv->stop_requested, true);
     if (srv->ctx) lws_cancel_service(srv->ctx);
@@ -557,6 +973,12 @@ void server_stop(server *srv, int grace_ms) {
 void server_free(server *srv) {
     if (!srv) return;
     server_stop(srv, 0);
+    for (inbox_item *it = srv->inbox_head, *next; it; it = next) {
+        next = it->next;
+        free(it->text);
+        free(it);
+    }
+    pthread_mutex_destroy(&srv->inbox_lock);
     pthread_mutex_destroy(&srv->lock);
     pthread_cond_destroy(&srv->cond);
     free(srv);

@@ -47,6 +47,10 @@ policy.components.agent_websocket_bridge = {
     return { state = "required", reason = "the /ws listener serves every agent client" }
   end,
   start = function(decision, spec)
+    netra.server.set_auth({
+      anonymous = rules.anonymous,
+      require_exp = env == "staging" or env == "production",
+    })
     netra.health.register({
       name = "agent_websocket_bridge",
       type = spec.type,
