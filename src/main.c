@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "config.h"
+#include "jwt.h"
 #include "log.h"
 #include "policy.h"
 #include "runtime.h"
@@ -25,6 +26,9 @@ static const char usage_text[] =
     "                 run the startup policy without connecting; print every\n"
     "                 component as required, optional or disabled and why;\n"
     "                 exit 1 when startup would be refused\n"
+    "  token --user NAME [--ttl SECONDS] [--env NAME]\n"
+    "                 print a client token signed with NETRA_JWT_SECRET\n"
+    "                 (default ttl 3600), alone on stdout\n"
     "  version        print the version\n"
     "  help, --help   print this text\n"
     "\n"
@@ -41,27 +45,43 @@ typedef struct {
     const char *command;
     const char *env;
     const char *listen;
+    const char *user;
+    const char *ttl;
 } options;
+
+/* Options each command takes. */
+static bool takes(const char *command, const char *option) {
+    if (!strcmp(option, "--env"))
+        return !strcmp(command, "serve") || !strcmp(command, "check") ||
+               !strcmp(command, "token");
+    if (!strcmp(option, "--listen")) return !strcmp(command, "serve");
+    if (!strcmp(option, "--user") || !strcmp(option, "--ttl"))
+        return !strcmp(command, "token");
+    return false;
+}
 
 /* Parses argv; returns 0, or 2 after printing what was wrong. */
 static int parse_args(int argc, char **argv, options *o) {
     memset(o, 0, sizeof *o);
     if (argc < 2) return usage(stderr, 2);
     o->command = argv[1];
-    bool serve = !strcmp(o->command, "serve");
-    bool check = !strcmp(o->command, "check");
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
-        const char **slot = NULL;
-        const char *name = a;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout, 0);
             exit(0);
         }
-        if ((serve || check) && !strncmp(a, "--env", 5)) slot = &o->env;
-        else if (serve && !strncmp(a, "--listen", 8)) slot = &o->listen;
-        size_t n = slot == &o->env ? 5 : 8;
-        if (!slot || (a[n] != '\0' && a[n] != '=')) {
+        char name[32];
+        size_t n = strcspn(a, "=");
+        snprintf(name, sizeof name, "%.*s", (int)(n < 31 ? n : 31), a);
+        const char **slot = NULL;
+        if (takes(o->command, name)) {
+            if (!strcmp(name, "--env")) slot = &o->env;
+            else if (!strcmp(name, "--listen")) slot = &o->listen;
+            else if (!strcmp(name, "--user")) slot = &o->user;
+            else slot = &o->ttl;
+        }
+        if (!slot) {
             fprintf(stderr, "netra %s: unknown option '%s'\n\n", o->command,
                     a);
             return usage(stderr, 2);
@@ -69,8 +89,8 @@ static int parse_args(int argc, char **argv, options *o) {
         if (a[n] == '=') *slot = a + n + 1;
         else if (i + 1 < argc) *slot = argv[++i];
         else {
-            fprintf(stderr, "netra %s: %.*s needs a value\n\n", o->command,
-                    (int)n, name);
+            fprintf(stderr, "netra %s: %s needs a value\n\n", o->command,
+                    name);
             return usage(stderr, 2);
         }
     }
@@ -144,6 +164,47 @@ static int cmd_check(const options *o) {
     policy_close(p);
     runtime_free(rt);
     return rc;
+}
+
+/* ---- token ------------------------------------------------------------------ */
+
+static int cmd_token(const options *o) {
+    if (!o->user) {
+        fprintf(stderr, "netra token: --user NAME is required\n\n");
+        return usage(stderr, 2);
+    }
+    long ttl = 3600;
+    if (o->ttl) {
+        char *end;
+        ttl = strtol(o->ttl, &end, 10);
+        if (*end || end == o->ttl || ttl <= 0 || ttl > 366L * 86400) {
+            fprintf(stderr, "netra token: --ttl must be a number of seconds "
+                            "from 1 to 31622400, got '%s'\n", o->ttl);
+            return 2;
+        }
+    }
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    const char *secret = config_get(cfg, "NETRA_JWT_SECRET");
+    if (!secret) {
+        fprintf(stderr, "netra token: NETRA_JWT_SECRET is not set in %s - "
+                        "set it (the same value the server uses)\n",
+                config_environment(cfg));
+        config_free(cfg);
+        return 1;
+    }
+    char *token = NULL, err[512];
+    int64_t now = time(NULL);
+    int rc = jwt_sign(secret, o->user, now, now + ttl, &token, err,
+                      sizeof err);
+    config_free(cfg);
+    if (rc < 0) {
+        fprintf(stderr, "netra token: %s\n", err);
+        return 1;
+    }
+    printf("%s\n", token);
+    free(token);
+    return 0;
 }
 
 /* ---- serve ------------------------------------------------------------------ */
@@ -279,6 +340,7 @@ int main(int argc, char **argv) {
     if (rc) return rc;
     if (!strcmp(o.command, "serve")) return cmd_serve(&o);
     if (!strcmp(o.command, "check")) return cmd_check(&o);
+    if (!strcmp(o.command, "token")) return cmd_token(&o);
     if (!strcmp(o.command, "version") || !strcmp(o.command, "--version")) {
         printf("netra %s\n", NETRA_VERSION);
         return 0;
