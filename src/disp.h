@@ -104,7 +104,9 @@ int disp_pool_in_flight(disp_pool *pool);
 
 /* Where one request's output goes. Every callback runs on a worker thread
  * and takes ownership of the cJSON it is given. Events arrive in order,
- * and `done` comes last, exactly once. */
+ * and `done` comes last, exactly once: for a tool call with the
+ * CallToolResult (after the tool_completed event), for an agent run with
+ * NULL (after its agent_completed or agent_error event). */
 typedef struct {
     void *ud;
     void (*event)(void *ud, cJSON *event);       /* netra/event params */
