@@ -1052,7 +1052,6 @@ static bool parse_row(jp *j, builder *b) {
             if (n >= r->ncols)
                 return fail(j, "data: more values than columns");
             ch_value *cell = &r->cells[r->nrows * r->ncols + n];
-            memset(cell, 0, sizeof *cell);
             n++;
             if (!json_value(j, cell))
                 return false;
@@ -1086,13 +1085,13 @@ static bool parse_data(jp *j, builder *b) {
             r->cells = n;
             b->cap = cap;
         }
+        memset(&r->cells[r->nrows * r->ncols], 0,
+               r->ncols * sizeof *r->cells);
         if (!parse_row(j, b)) {
             /* free the values of the partial row */
             ch_value *row = &r->cells[r->nrows * r->ncols];
             for (size_t k = 0; k < r->ncols; k++)
-                if (row[k].kind == CH_STRING || row[k].kind == CH_ARRAY ||
-                    row[k].kind == CH_NUMTEXT)
-                    value_free(&row[k]);
+                value_free(&row[k]);
             return false;
         }
     } while (eat(j, ','));
