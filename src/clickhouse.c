@@ -566,23 +566,35 @@ static int rows_status(const ch_rows *r) {
     return r->b.failed ? CH_ERR : CH_OK;
 }
 
+/* Bytes TSV must escape, and the letter after the backslash. */
+static const char tsv_esc[256] = {
+    ['\\'] = '\\', ['\t'] = 't', ['\n'] = 'n', ['\r'] = 'r', [0] = '0',
+};
+
 static void tsv_escape(buf *b, const char *s, size_t len) {
+    if (!buf_reserve(b, len))
+        return;
     size_t run = 0;
     for (size_t i = 0; i < len; i++) {
-        const char *esc = NULL;
-        switch (s[i]) {
-        case '\\': esc = "\\\\"; break;
-        case '\t': esc = "\\t"; break;
-        case '\n': esc = "\\n"; break;
-        case '\r': esc = "\\r"; break;
-        case '\0': esc = "\\0"; break;
-        default: continue;
-        }
+        char e = tsv_esc[(unsigned char)s[i]];
+        if (!e)
+            continue;
+        char pair[2] = {'\\', e};
         buf_add(b, s + run, i - run);
-        buf_add(b, esc, 2);
+        buf_add(b, pair, 2);
         run = i + 1;
     }
     buf_add(b, s + run, len - run);
+}
+
+/* Decimal digits of v into the end of t[24]; returns the first. */
+static char *u64_text(uint64_t v, char t[24]) {
+    char *p = t + 24;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
 }
 
 int ch_rows_str(ch_rows *r, const char *s, size_t len) {
@@ -608,16 +620,21 @@ int ch_rows_literal(ch_rows *r, const char *s, size_t len) {
 }
 
 int ch_rows_int(ch_rows *r, int64_t v) {
-    char t[32];
+    char t[24];
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    char *p = u64_text(u, t);
+    if (v < 0)
+        *--p = '-';
     field(r);
-    buf_add(&r->b, t, (size_t)snprintf(t, sizeof t, "%" PRId64, v));
+    buf_add(&r->b, p, (size_t)(t + 24 - p));
     return rows_status(r);
 }
 
 int ch_rows_uint(ch_rows *r, uint64_t v) {
-    char t[32];
+    char t[24];
+    char *p = u64_text(v, t);
     field(r);
-    buf_add(&r->b, t, (size_t)snprintf(t, sizeof t, "%" PRIu64, v));
+    buf_add(&r->b, p, (size_t)(t + 24 - p));
     return rows_status(r);
 }
 
