@@ -10,6 +10,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "bind_clickhouse.h"
 #include "log.h"
 #include "server.h"
 
@@ -581,6 +582,8 @@ int bindings_push(lua_State *L, runtime *rt) {
     add_section(L, rt, "health", health_funcs);
     add_section(L, rt, "startup", startup_funcs);
     add_section(L, rt, "server", server_funcs);
+    bind_clickhouse(L);
+    lua_setfield(L, -2, "clickhouse");
     return 1;
 }
 

@@ -244,7 +244,10 @@ static health_comp *find_locked(health_registry *reg, const char *name,
 static void comp_store(health_comp *c, health_status st, const char *message,
                        cJSON *observed) {
     if (st != c->status) {
-        log_level level = st == HEALTH_HEALTHY || st == HEALTH_DISABLED
+        /* An optional component's trouble is news, not a warning: the
+         * policy says once, in its own words, what it means. */
+        log_level level = st == HEALTH_HEALTHY || st == HEALTH_DISABLED ||
+                                  !c->required
                               ? NLOG_INFO
                               : NLOG_WARN;
         log_msg(level, "Health", "component '%s' %s -> %s%s%s", c->name,

@@ -106,17 +106,103 @@ policy.components.clickhouse = {
     if decision.problem then
       return nil, decision.problem .. " - " .. decision.advice
     end
-    -- TODO(clickhouse): connect with the client once it lands; until then
-    -- a configured ClickHouse is registered and reported as not checked.
-    netra.health.register({
-      name = "clickhouse",
-      type = spec.type,
-      required = decision.state == "required",
-    })
-    netra.health.set("clickhouse", "unknown", "the ClickHouse client is not built yet")
-    return true
+    return policy.connect_clickhouse(decision, spec)
   end,
 }
+
+
+--- The ClickHouse client settings from the configuration, with the
+--- connection rules of this environment.
+local function clickhouse_settings()
+  local cfg = {}
+  for _, key in ipairs({ "CLICKHOUSE_URL", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT",
+    "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DB", "CLICKHOUSE_SECURE" }) do
+    cfg[key] = netra.config.get(key)
+  end
+  cfg.connect_timeout_ms = rules.connect.timeout_ms
+  cfg.timeout_ms = rules.connect.query_timeout_ms or 10000
+  cfg.retries = 0
+  return cfg
+end
+
+
+--- Connects to ClickHouse within this environment's budget: attempts
+--- with backoff, never fewer than one. A required store that stays
+--- unreachable refuses startup with the last error; an optional one
+--- leaves the component unhealthy (overall degraded) with one warning,
+--- and its check keeps trying in the background.
+---@return boolean|nil ok
+---@return string|nil message
+function policy.connect_clickhouse(decision, spec)
+  local required = decision.state == "required"
+  local settings = clickhouse_settings()
+  local client, warning = netra.clickhouse.new(settings)
+  if not client then
+    return nil, "[ClickHouse] bad settings: " .. tostring(warning)
+  end
+  if warning then
+    netra.log.warn("ClickHouse", warning)
+  end
+  local connect = rules.connect
+  local started = netra.startup.now_ms()
+  local attempt, ok, err = 0, nil, nil -- luacheck: ignore 311
+  repeat
+    attempt = attempt + 1
+    ok, err = client:connect()
+    if ok then
+      break
+    end
+    local elapsed = netra.startup.now_ms() - started
+    local more = attempt < connect.attempts
+      and elapsed + connect.backoff_ms + connect.timeout_ms <= connect.budget_ms
+    if more then
+      netra.startup.sleep(connect.backoff_ms * attempt)
+    end
+  until not more
+
+  netra.health.register({
+    name = "clickhouse",
+    type = spec.type,
+    measurement = "responseTime",
+    unit = "ms",
+    required = required,
+    interval_ms = spec.check.interval_ms,
+    timeout_ms = spec.check.timeout_ms,
+    fail_after = spec.check.fail_after,
+    recover_after = spec.check.recover_after,
+    check = function()
+      local t0 = netra.startup.now_ms()
+      local alive, why
+      if client:connected() then
+        alive, why = client:ping()
+      else
+        alive, why = client:connect()
+      end
+      local took = netra.startup.now_ms() - t0
+      if alive then
+        return "healthy", ("ClickHouse %s answered in %d ms"):format(client:version(), took), took
+      end
+      return "unhealthy", tostring(why)
+    end,
+  })
+  policy.clickhouse = client
+
+  if ok then
+    netra.log.info("ClickHouse", ("connected: ClickHouse %s, time zone %s"):format(
+      client:version(), client:timezone()))
+    netra.health.set("clickhouse", "healthy", "connected to ClickHouse " .. client:version())
+    return true
+  end
+  if required then
+    return nil, ("[ClickHouse] required in %s but unreachable after %d attempt(s): %s"):format(
+      env, attempt, tostring(err))
+  end
+  netra.log.warn("ClickHouse", ("optional ClickHouse unreachable after %d attempt(s): %s"
+    .. " - starting degraded; analytics go to the spool until it is back"):format(
+    attempt, tostring(err)))
+  netra.health.set("clickhouse", "unhealthy", tostring(err))
+  return true
+end
 
 --- Settings that are not components but can stop startup or warn.
 policy.settings = {
