@@ -31,3 +31,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   # ClickHouse for tests is started by the suite on its own port.
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# Real WebSocket and MCP clients for the tests, pinned by the lockfile.
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -d "$root/spec/node/node_modules" ] ||
+   [ "$root/spec/node/package-lock.json" -nt "$root/spec/node/node_modules" ]; then
+  if ! command -v npm >/dev/null; then
+    echo "deps: npm not found - install Node.js 20 and npm" >&2
+    exit 1
+  fi
+  (cd "$root/spec/node" && npm ci --no-audit --no-fund --loglevel=error)
+  touch "$root/spec/node/node_modules"
+fi

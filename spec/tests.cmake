@@ -3,6 +3,7 @@
 # Conventions, so that adding a test never means editing this file:
 #   spec/c/test_<part>.c      one cmocka executable, test name c_<part>
 #   spec/lua/<part>_spec.lua  one busted file, test name lua_<part>
+#   spec/node/<part>.test.mjs one node:test file, test name node_<part>
 # A test file that contains the words "needs: clickhouse" runs with a real
 # ClickHouse server, started once for the whole run by the fixture below;
 # its address is in the file named by NETRA_TEST_CLICKHOUSE (host:port).
@@ -70,6 +71,21 @@ foreach(spec ${NETRA_SPECS})
     ENVIRONMENT "${NETRA_TEST_ENV}" TIMEOUT 600)
   netra_test_needs(lua_${part} ${spec})
 endforeach()
+
+# Node.js specs with real WebSocket and MCP clients (spec/node, npm ci).
+find_program(NODE NAMES node)
+file(GLOB NETRA_NODE_TESTS CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/spec/node/*.test.mjs)
+if(NODE)
+  foreach(t ${NETRA_NODE_TESTS})
+    get_filename_component(base ${t} NAME)
+    string(REPLACE ".test.mjs" "" part ${base})
+    add_test(NAME node_${part} COMMAND ${NODE} --test ${t}
+             WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+    set_tests_properties(node_${part} PROPERTIES
+      ENVIRONMENT "${NETRA_TEST_ENV}" TIMEOUT 600)
+    netra_test_needs(node_${part} ${t})
+  endforeach()
+endif()
 
 add_test(NAME luacheck
   COMMAND ${LUACHECK} --no-color lua spec/lua spec/support

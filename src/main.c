@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bridge.h"
 #include "config.h"
 #include "jwt.h"
 #include "log.h"
@@ -252,6 +253,20 @@ static int cmd_serve(const options *o) {
         return 1;
     }
     so.stall_ms = (int)stall_ms;
+    long max_msg, max_out, ping_s;
+    if (config_int(cfg, "NETRA_MAX_MESSAGE_BYTES", 1 << 20, 1024, 1L << 30,
+                   &max_msg, err, sizeof err) < 0 ||
+        config_int(cfg, "NETRA_MAX_OUTBOX_BYTES", 8L << 20, 65536, 1L << 32,
+                   &max_out, err, sizeof err) < 0 ||
+        config_int(cfg, "NETRA_WS_PING_S", 30, 1, 3600, &ping_s, err,
+                   sizeof err) < 0) {
+        log_msg(NLOG_ERROR, "netra", "%s", err);
+        config_free(cfg);
+        return 1;
+    }
+    so.max_message_bytes = (size_t)max_msg;
+    so.max_outbox_bytes = (size_t)max_out;
+    so.ping_s = (int)ping_s;
 
     runtime *rt = runtime_new(cfg);
     if (!rt) return 1;
@@ -278,6 +293,7 @@ static int cmd_serve(const options *o) {
             strchr(so.host, ':') ? "[" : "", so.host,
             strchr(so.host, ':') ? "]" : "", server_port(rt->server));
     server_register_bridge(rt->server, NULL, err, sizeof err);
+    bridge *br = bridge_new(rt, rt->server);
     health_start(rt->health);
 
     startup s = {.rt = rt};
@@ -329,6 +345,7 @@ static int cmd_serve(const options *o) {
     policy_close(s.policy);
     server_free(rt->server);
     rt->server = NULL;
+    bridge_free(br);
     runtime_free(rt);
     if (!rc) log_msg(NLOG_INFO, "netra", "stopped");
     return rc;
