@@ -663,6 +663,13 @@ int ch_rows_end(ch_rows *r) {
     return rows_status(r);
 }
 
+int ch_rows_append(ch_rows *r, const char *tsv, size_t len, size_t rows) {
+    if (r->mid || (len && tsv[len - 1] != '\n')) return CH_ERR;
+    buf_add(&r->b, tsv, len);
+    r->rows += rows;
+    return rows_status(r);
+}
+
 void ch_rows_clear(ch_rows *r) {
     r->b.len = 0;
     r->rows = 0;

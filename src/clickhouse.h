@@ -273,6 +273,10 @@ int ch_rows_null(ch_rows *r);
  * is escaped). */
 int ch_rows_literal(ch_rows *r, const char *s, size_t len);
 int ch_rows_end(ch_rows *r);
+/* Appends `rows` whole rows of TSV text made by another ch_rows (each
+ * ending in a newline), e.g. batches kept in the spool. CH_ERR when a row
+ * is half built here or the text does not end a row. */
+int ch_rows_append(ch_rows *r, const char *tsv, size_t len, size_t rows);
 /* Forgets all rows (keeps the memory) for the next batch. */
 void ch_rows_clear(ch_rows *r);
 size_t ch_rows_count(const ch_rows *r);
