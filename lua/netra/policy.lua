@@ -34,6 +34,21 @@ local function clickhouse_configured()
 end
 
 
+--- The ClickHouse client settings from the configuration, with the
+--- connection rules of this environment.
+local function clickhouse_settings()
+  local cfg = {}
+  for _, key in ipairs({ "CLICKHOUSE_URL", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT",
+    "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DB", "CLICKHOUSE_SECURE" }) do
+    cfg[key] = netra.config.get(key)
+  end
+  cfg.connect_timeout_ms = rules.connect.timeout_ms
+  cfg.timeout_ms = rules.connect.query_timeout_ms or 10000
+  cfg.retries = 0
+  return cfg
+end
+
+
 --- Each component: its type, and how to decide, start and check it.
 --- decide() returns a decision:
 ---   { state = "required" | "optional" | "disabled", reason = "...",
@@ -93,6 +108,26 @@ policy.components.clickhouse = {
         reason = "not configured and " .. why,
       }
     end
+    local parsed, note = netra.clickhouse.settings(clickhouse_settings())
+    if not parsed then
+      return {
+        state = required and "required" or "optional",
+        reason = why,
+        severity = "error",
+        problem = "ClickHouse settings are not usable: " .. tostring(note),
+        advice = "fix CLICKHOUSE_URL (http[s]://user:password@host:port/db) "
+          .. "or CLICKHOUSE_HOST/CLICKHOUSE_PORT",
+      }
+    end
+    if note then
+      return {
+        state = required and "required" or "optional",
+        reason = why,
+        severity = "warning",
+        problem = "ClickHouse: " .. tostring(note),
+        advice = "remove the settings that are ignored",
+      }
+    end
     return { state = required and "required" or "optional", reason = why }
   end,
   start = function(decision, spec)
@@ -109,21 +144,6 @@ policy.components.clickhouse = {
     return policy.connect_clickhouse(decision, spec)
   end,
 }
-
-
---- The ClickHouse client settings from the configuration, with the
---- connection rules of this environment.
-local function clickhouse_settings()
-  local cfg = {}
-  for _, key in ipairs({ "CLICKHOUSE_URL", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT",
-    "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DB", "CLICKHOUSE_SECURE" }) do
-    cfg[key] = netra.config.get(key)
-  end
-  cfg.connect_timeout_ms = rules.connect.timeout_ms
-  cfg.timeout_ms = rules.connect.query_timeout_ms or 10000
-  cfg.retries = 0
-  return cfg
-end
 
 
 --- Connects to ClickHouse within this environment's budget: attempts
@@ -290,12 +310,16 @@ end
 ---@return string|nil message why startup is refused
 function policy.start()
   local plan = policy.plan()
+  local errors = {}
   for _, p in ipairs(plan.problems) do
     if p.severity == "warning" then
       netra.log.warn("policy", p.problem .. " - " .. p.advice)
-    elseif p.subject ~= "clickhouse" then
-      return nil, p.problem .. " - " .. p.advice
+    else
+      errors[#errors + 1] = p.problem .. " - " .. p.advice
     end
+  end
+  if #errors > 0 then
+    return nil, table.concat(errors, "; ")
   end
   for _, phase in ipairs(plan.phases) do
     netra.startup.phase(phase.name)
