@@ -85,6 +85,7 @@ struct sbx_request {
     int64_t instr;
     int64_t mem;
     bool mem_hit;
+    bool state_hit;        /* the state-wide limit, not the request's */
     bool hooked;           /* a count hook runs all the time */
     volatile bool armed;   /* the timer or allocator armed a hook */
 
@@ -185,20 +186,21 @@ static void *sbx_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (nsize > osize) {
         int64_t grow = (int64_t)(nsize - osize);
 
-        if (s->used + grow > s->state_limit) {
-            s->state_hit = true;
-            s->damaged = true;
-            if (req && !req->mem_hit) {
-                req->mem_hit = true;
-                arm(s);
-            }
-            return NULL;
-        }
         if (req && req->mem_limit > 0 && req->stop == SBX_STOP_NONE &&
             req->mem + grow > req->mem_limit) {
             req->mem_hit = true;
             s->damaged = true;
             arm(s);
+            return NULL;
+        }
+        if (s->used + grow > s->state_limit) {
+            s->state_hit = true;
+            s->damaged = true;
+            if (req && !req->mem_hit) {
+                req->mem_hit = true;
+                req->state_hit = true;
+                arm(s);
+            }
             return NULL;
         }
     }
@@ -224,7 +226,7 @@ static void check_budgets(sbx *s, sbx_request *req) {
         return;
 
     if (req->mem_hit) {
-        if (s->state_hit)
+        if (req->state_hit)
             set_error(req, SBX_STOP_MEMORY,
                       "tool '%s' exceeded the sandbox memory limit "
                       "(%lld bytes)",
@@ -891,12 +893,15 @@ static int sb_pattern(lua_State *L) {
                               fname, (int)n, (int)plen);
     } else {
         double c = pattern_cost(pat, plen, subj, n, !is_gmatch);
-        if (c > log2((double)SBX_PATTERN_MAX_STEPS))
-            return luaL_error(L, "%s: pattern too costly for a subject of "
-                              "%d bytes (about 2^%.0f steps, limit 2^%.0f): "
-                              "shorten the subject or simplify the pattern",
-                              fname, (int)n, c,
-                              log2((double)SBX_PATTERN_MAX_STEPS));
+        if (c > log2((double)SBX_PATTERN_MAX_STEPS)) {
+            char msg[256];
+            snprintf(msg, sizeof msg,
+                     "%s: pattern too costly for a subject of %zu bytes "
+                     "(about 2^%.0f steps, limit 2^%.0f): shorten the "
+                     "subject or simplify the pattern",
+                     fname, n, c, log2((double)SBX_PATTERN_MAX_STEPS));
+            return luaL_error(L, "%s", msg);
+        }
     }
 
     lua_pushvalue(L, lua_upvalueindex(1));
@@ -1245,7 +1250,10 @@ static void release_thread(sbx *s, sbx_request *req) {
     lua_sethook(req->co, NULL, 0, 0);
     s->current = saved;
 
-    if (s->npool < SBX_POOL_MAX)
+    /* Only threads that returned normally go back to the pool: an error
+     * raised from the hook and caught by lua_resume leaves the thread
+     * with hooks disallowed, and lua_resetthread does not undo that. */
+    if (req->status == SBX_DONE && s->npool < SBX_POOL_MAX)
         s->pool[s->npool++] = req->co_ref;
     else
         luaL_unref(s->L, LUA_REGISTRYINDEX, req->co_ref);
@@ -1363,7 +1371,7 @@ static void describe_error(sbx_request *req, lua_State *co) {
         if (tl < sizeof trace - 1)
             tl += (size_t)snprintf(trace + tl, sizeof trace - tl,
                                    "\n\t%s:%d: in %s%s", ar.short_src,
-                                   ar.currentline,
+                                   ar.currentline > 0 ? ar.currentline : 0,
                                    ar.name ? "function " : "",
                                    ar.name ? ar.name : ar.what);
     }
@@ -1954,7 +1962,7 @@ int sbx_rebuild(sbx *s, char *err, size_t errsize) {
     s->damaged = false;
     s->state_hit = false;
     log_msg(NLOG_INFO, "Sandbox", "rebuilt the Lua state (%d tools "
-            "reloaded) after a memory limit was hit", s->ntools);
+            "reloaded)", s->ntools);
     return 0;
 }
 
@@ -2012,7 +2020,12 @@ static bool utf8_valid(const unsigned char *s, size_t n) {
 }
 
 static cJSON *jfail(jctx *j, const char *what) {
-    snprintf(j->err, j->errsize, "%s: %s", j->path, what);
+    const char *path = j->path;
+
+    if (j->plen > 100)
+        path = j->path + j->plen - 100;
+    snprintf(j->err, j->errsize, "%s%s: %s", path == j->path ? "" : "...",
+             path, what);
     return NULL;
 }
 
