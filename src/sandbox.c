@@ -1773,9 +1773,8 @@ static int check_tramp(lua_State *L) {
 
     lua_pushstring(L, cc->agent ? "run" : "handler");
     if (lua_rawget(L, d) != LUA_TFUNCTION)
-        return fail(L, "%s", cc->agent ? "run must be a function "
-                    "run(ctx, input)" : "handler must be a function "
-                    "handler(ctx, args)");
+        return fail(L, "%s", cc->agent ? "run must be a function"
+                                       : "handler must be a function");
     cc->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
     /* From now on the environment names the file by its own name. */
