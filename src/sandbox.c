@@ -122,6 +122,55 @@ static char *dup_str(const char *s) {
     return d;
 }
 
+/* The name a file goes by in messages: "lua/netra/tools/x.lua" when it
+ * lies under the sandbox's lua_dir "/srv/lua" (Lua cuts long chunk
+ * names), else the path itself. */
+static void display_name(const sbx *s, const char *path, char *out,
+                         size_t n) {
+    size_t dl = strlen(s->lua_dir);
+    const char *last = strrchr(s->lua_dir, '/');
+
+    last = last ? last + 1 : s->lua_dir;
+    if (*last && !strncmp(path, s->lua_dir, dl) && path[dl] == '/')
+        snprintf(out, n, "%s%s", last, path + dl);
+    else
+        snprintf(out, n, "%s", path);
+}
+
+#define SBX_FILE_MAX (4 << 20)
+
+/* Loads a Lua file as text under the chunk name "@<shown>". Pushes the
+ * function, or an error message; returns a lua_load status. */
+static int load_text(lua_State *L, const char *path, const char *shown) {
+    FILE *f = fopen(path, "rb");
+    char *buf;
+    size_t n;
+    int rc;
+
+    if (!f) {
+        lua_pushfstring(L, "cannot open %s: %s", shown, strerror(errno));
+        return LUA_ERRFILE;
+    }
+    buf = malloc(SBX_FILE_MAX + 1);
+    if (!buf) {
+        fclose(f);
+        lua_pushfstring(L, "cannot read %s: out of memory", shown);
+        return LUA_ERRMEM;
+    }
+    n = fread(buf, 1, SBX_FILE_MAX + 1, f);
+    fclose(f);
+    if (n > SBX_FILE_MAX) {
+        free(buf);
+        lua_pushfstring(L, "%s is larger than %d bytes", shown, SBX_FILE_MAX);
+        return LUA_ERRFILE;
+    }
+    lua_pushfstring(L, "@%s", shown);
+    rc = luaL_loadbufferx(L, buf, n, lua_tostring(L, -1), "t");
+    free(buf);
+    lua_remove(L, -2);
+    return rc;
+}
+
 static sbx *sbx_of(lua_State *L) {
     return *(sbx **)lua_getextraspace(L);
 }
@@ -588,7 +637,9 @@ static int sb_require(lua_State *L) {
         path[n++] = *p == '.' ? '/' : *p;
     snprintf(path + n, sizeof path - (size_t)n, ".lua");
 
-    if (luaL_loadfilex(L, path, "t") != LUA_OK)
+    char shown[4096];
+    display_name(s, path, shown, sizeof shown);
+    if (load_text(L, path, shown) != LUA_OK)
         return luaL_error(L, "require: cannot load module '%s': %s", name,
                           lua_tostring(L, -1));
     snprintf(who, sizeof who, "module '%s'", name);
@@ -1618,6 +1669,7 @@ void sbx_free(sbx *s) {
 
 typedef struct {
     const char *path;
+    const char *shown;
     const char *who; /* "tool 'stem'" */
     int env_ref;
 } prep_call;
@@ -1627,7 +1679,7 @@ typedef struct {
 static int prep_tramp(lua_State *L) {
     prep_call *pc = lua_touserdata(L, 1);
 
-    if (luaL_loadfilex(L, pc->path, "t") != LUA_OK)
+    if (load_text(L, pc->path, pc->shown) != LUA_OK)
         return lua_error(L);
     push_env(L, pc->who);
     lua_pushvalue(L, -1);
@@ -1808,13 +1860,15 @@ static int load_file(sbx *s, const char *path, bool agent,
     lua_State *L = s->L;
     const char *base = strrchr(path, '/');
     char stem[SBX_NAME_MAX + 16], who[SBX_NAME_MAX + 32], msg[512];
-    prep_call pc = {path, who, LUA_NOREF};
+    char shown[1024];
+    prep_call pc = {path, shown, who, LUA_NOREF};
     check_call cc;
     sbx_request *req;
     sbx_status st;
     int rc = -1;
 
     memset(def, 0, sizeof *def);
+    display_name(s, path, shown, sizeof shown);
     snprintf(stem, sizeof stem, "%s", base ? base + 1 : path);
     if (strlen(stem) > 4 && !strcmp(stem + strlen(stem) - 4, ".lua"))
         stem[strlen(stem) - 4] = 0;
@@ -1824,12 +1878,12 @@ static int load_file(sbx *s, const char *path, bool agent,
     lua_pushlightuserdata(L, &pc);
     if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
         const char *e = lua_tostring(L, -1) ? lua_tostring(L, -1) : "?";
-        size_t pl = strlen(path);
-        /* syntax errors already start with the path */
-        if (!strncmp(e, path, pl) && e[pl] == ':')
+        size_t pl = strlen(shown);
+        /* syntax errors already start with the file name */
+        if (!strncmp(e, shown, pl) && e[pl] == ':')
             snprintf(err, errsize, "%s", e);
         else
-            snprintf(err, errsize, "%s: %s", path, e);
+            snprintf(err, errsize, "%s: %s", shown, e);
         lua_pop(L, 1);
         return -1;
     }
@@ -1838,29 +1892,29 @@ static int load_file(sbx *s, const char *path, bool agent,
     req = req_create(s, stem, NULL, NULL, msg, sizeof msg);
     if (!req) {
         lua_pop(L, 1);
-        snprintf(err, errsize, "%s: %s", path, msg);
+        snprintf(err, errsize, "%s: %s", shown, msg);
         goto out;
     }
     lua_xmove(L, req->co, 1);
     st = sbx_resume(req, NULL, NULL);
     if (st == SBX_FAILED) {
-        snprintf(err, errsize, "%s: %s", path, sbx_request_error(req));
+        snprintf(err, errsize, "%s: %s", shown, sbx_request_error(req));
     } else if (st == SBX_YIELDED) {
         snprintf(err, errsize, "%s: a tool file may not wait on I/O while "
-                 "it loads", path);
+                 "it loads", shown);
     } else {
         cc = (check_call){s, req->co, req->nres, pc.env_ref, def,
                           LUA_NOREF, agent};
         lua_pushcfunction(L, check_tramp);
         lua_pushlightuserdata(L, &cc);
         if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-            snprintf(err, errsize, "%s: %s", path,
+            snprintf(err, errsize, "%s: %s", shown,
                      lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
             lua_pop(L, 1);
             if (cc.fn_ref != LUA_NOREF)
                 luaL_unref(L, LUA_REGISTRYINDEX, cc.fn_ref);
         } else if (!(def->path = dup_str(path))) {
-            snprintf(err, errsize, "%s: out of memory", path);
+            snprintf(err, errsize, "%s: out of memory", shown);
             luaL_unref(L, LUA_REGISTRYINDEX, cc.fn_ref);
         } else {
             *fn_ref = cc.fn_ref;
