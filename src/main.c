@@ -10,6 +10,7 @@
 
 #include "bridge.h"
 #include "config.h"
+#include "disp.h"
 #include "jwt.h"
 #include "log.h"
 #include "policy.h"
@@ -227,6 +228,49 @@ static void *startup_main(void *arg) {
     return NULL;
 }
 
+static const char *config_getter(void *ud, const char *key) {
+    return config_get(ud, key);
+}
+
+/* Makes the dispatcher's pool from what the policy registered. Returns
+ * NULL after logging why. */
+static disp_pool *start_pool(runtime *rt) {
+    char err[2048], dir[4096];
+    long workers, per_user, queue_max;
+    if (config_int(rt->cfg, "NETRA_WORKERS", 0, 0, 1024, &workers, err,
+                   sizeof err) < 0 ||
+        config_int(rt->cfg, "NETRA_MAX_INFLIGHT_PER_USER", 16, 1, 100000,
+                   &per_user, err, sizeof err) < 0 ||
+        config_int(rt->cfg, "NETRA_QUEUE_MAX", 256, 1, 1000000, &queue_max,
+                   err, sizeof err) < 0) {
+        log_msg(NLOG_ERROR, "dispatcher", "%s", err);
+        return NULL;
+    }
+    if (!rt->tools) {
+        snprintf(dir, sizeof dir, "%s/lua", config_home(rt->cfg));
+        rt->tools = disp_registry_new(dir);
+        if (!rt->tools) return NULL;
+    }
+    health_info info;
+    bool ch_off = health_get(rt->health, "clickhouse", &info) != 0 ||
+                  info.status == HEALTH_DISABLED;
+    disp_pool_config pc = {
+        .workers = (int)workers,
+        .queue_max = (int)queue_max,
+        .max_inflight_per_user = (int)per_user,
+        .time_ms = rt->tool_budget.time_ms,
+        .instructions = rt->tool_budget.instructions,
+        .memory_bytes = rt->tool_budget.memory_bytes,
+        .clickhouse_get = ch_off ? NULL : config_getter,
+        .clickhouse_get_ud = rt->cfg,
+        .counter_ud = rt,
+        .requests_changed = runtime_requests_changed,
+    };
+    disp_pool *pool = disp_pool_new(rt->tools, &pc, err, sizeof err);
+    if (!pool) log_msg(NLOG_ERROR, "dispatcher", "%s", err);
+    return pool;
+}
+
 /* Waits up to 200 ms for a signal; returns it or 0. */
 static int wait_signal(const sigset_t *set) {
     struct timespec ts = {.tv_sec = 0, .tv_nsec = 200 * 1000 * 1000};
@@ -292,8 +336,16 @@ static int cmd_serve(const options *o) {
             "/health/live, /health/ready, /ws)",
             strchr(so.host, ':') ? "[" : "", so.host,
             strchr(so.host, ':') ? "]" : "", server_port(rt->server));
+    bridge *b = bridge_new(rt, rt->server);
+    if (!b) {
+        log_msg(NLOG_ERROR, "server", "out of memory making the bridge");
+        server_stop(rt->server, 0);
+        server_free(rt->server);
+        runtime_free(rt);
+        return 1;
+    }
+    disp_pool *pool = NULL;
     server_register_bridge(rt->server, NULL, err, sizeof err);
-    bridge *br = bridge_new(rt, rt->server);
     health_start(rt->health);
 
     startup s = {.rt = rt};
@@ -321,6 +373,14 @@ static int cmd_serve(const options *o) {
                 rc = 1;
                 break;
             }
+            pool = start_pool(rt);
+            if (!pool) {
+                log_msg(NLOG_ERROR, "startup",
+                        "startup refused in %s; exiting", env);
+                rc = 1;
+                break;
+            }
+            bridge_set_dispatcher(b, pool, rt->tools);
             runtime_set_started(rt);
             log_msg(NLOG_INFO, "netra", "ready in %s on port %d", env,
                     server_port(rt->server));
@@ -332,7 +392,15 @@ static int cmd_serve(const options *o) {
     }
 
     runtime_set_stopping(rt);
+    bridge_cancel_all(b, "the server is shutting down");
+    int64_t until = server_now_ms() + grace_ms;
+    while (bridge_in_flight(b) > 0 && server_now_ms() < until) {
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     server_stop(rt->server, (int)grace_ms);
+    bridge_set_dispatcher(b, NULL, NULL);
+    disp_pool_free(pool);
     health_stop(rt->health);
     if (!joined) {
         /* The policy is still running (a long connection retry): its
@@ -345,7 +413,7 @@ static int cmd_serve(const options *o) {
     policy_close(s.policy);
     server_free(rt->server);
     rt->server = NULL;
-    bridge_free(br);
+    bridge_free(b);
     runtime_free(rt);
     if (!rc) log_msg(NLOG_INFO, "netra", "stopped");
     return rc;
