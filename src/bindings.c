@@ -259,7 +259,21 @@ static health_status run_lua_check(void *ud, char *message, size_t size,
                                    cJSON **observed) {
     lua_check *lc = ud;
     health_status status = HEALTH_UNHEALTHY;
-    pthread_mutex_lock(&lc->rt->lua_lock);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += lc->timeout_ms / 1000;
+    until.tv_nsec += (long)(lc->timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    if (pthread_mutex_timedlock(&lc->rt->lua_lock, &until) != 0) {
+        snprintf(message, size,
+                 "could not run: the policy's Lua state stayed busy for %d "
+                 "ms (another Lua check or the policy is still running)",
+                 lc->timeout_ms);
+        return HEALTH_UNKNOWN;
+    }
     lua_State *L = lc->L;
     if (!L) {
         pthread_mutex_unlock(&lc->rt->lua_lock);
@@ -341,6 +355,10 @@ static int l_health_register(lua_State *L) {
     memset(&spec, 0, sizeof spec);
     spec.name = opt_str_field(L, 1, "name", NULL);
     if (!spec.name) return luaL_error(L, "health.register: name is required");
+    if (!strcmp(spec.name, "live") || !strcmp(spec.name, "ready"))
+        return luaL_error(L, "health.register: '%s' is reserved for "
+                             "/health/%s; choose another name",
+                          spec.name, spec.name);
     spec.type = opt_str_field(L, 1, "type", "component");
     spec.measurement = opt_str_field(L, 1, "measurement", NULL);
     spec.unit = opt_str_field(L, 1, "unit", NULL);
@@ -385,8 +403,10 @@ static int l_health_register(lua_State *L) {
                              "\"bridge\"");
     }
     lua_pop(L, 1);
-    if (health_register(rt->health, &spec, err, sizeof err) < 0)
+    if (health_register(rt->health, &spec, err, sizeof err) < 0) {
+        if (spec.ud) free_lua_check(spec.ud);
         return luaL_error(L, "health.register: %s", err);
+    }
     return 0;
 }
 
@@ -516,6 +536,8 @@ static int l_startup_serving(lua_State *L) {
 
 static int l_startup_sleep(lua_State *L) {
     lua_Number ms = luaL_checknumber(L, 1);
+    luaL_argcheck(L, ms >= 0 && ms <= 3600 * 1000, 1,
+                  "milliseconds from 0 to 3600000");
     if (ms > 0) {
         struct timespec ts = {.tv_sec = (time_t)(ms / 1000),
                               .tv_nsec = (long)fmod(ms, 1000) * 1000000L};

@@ -5,6 +5,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <sys/stat.h>
 
@@ -217,7 +218,15 @@ const char *policy_path(const policy *p) {
 void policy_close(policy *p) {
     if (!p) return;
     if (p->L) {
-        pthread_mutex_lock(&p->rt->lua_lock);
+        /* A Lua check stuck in a C call may hold the state: rather than
+         * wait for it at exit, leave the state to the process's end. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 2;
+        if (pthread_mutex_timedlock(&p->rt->lua_lock, &until) != 0) {
+            free(p);
+            return;
+        }
         lua_close(p->L);
         pthread_mutex_unlock(&p->rt->lua_lock);
     }

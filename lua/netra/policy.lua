@@ -119,7 +119,7 @@ policy.components.clickhouse = {
           .. "or CLICKHOUSE_HOST/CLICKHOUSE_PORT",
       }
     end
-    if note then
+    if note and note ~= "" then
       return {
         state = required and "required" or "optional",
         reason = why,
@@ -138,7 +138,7 @@ policy.components.clickhouse = {
       netra.health.set("clickhouse", "disabled", decision.reason)
       return true
     end
-    if decision.problem then
+    if decision.problem and decision.severity == "error" then
       return nil, decision.problem .. " - " .. decision.advice
     end
     return policy.connect_clickhouse(decision, spec)
@@ -180,6 +180,11 @@ function policy.connect_clickhouse(decision, spec)
     end
   until not more
 
+  -- The check has a client of its own, bounded by the check's timeout.
+  local check_settings = clickhouse_settings()
+  check_settings.connect_timeout_ms = spec.check.timeout_ms
+  check_settings.timeout_ms = spec.check.timeout_ms
+  local probe = assert(netra.clickhouse.new(check_settings))
   netra.health.register({
     name = "clickhouse",
     type = spec.type,
@@ -193,14 +198,14 @@ function policy.connect_clickhouse(decision, spec)
     check = function()
       local t0 = netra.startup.now_ms()
       local alive, why
-      if client:connected() then
-        alive, why = client:ping()
+      if probe:connected() then
+        alive, why = probe:ping()
       else
-        alive, why = client:connect()
+        alive, why = probe:connect()
       end
       local took = netra.startup.now_ms() - t0
       if alive then
-        return "healthy", ("ClickHouse %s answered in %d ms"):format(client:version(), took), took
+        return "healthy", ("ClickHouse %s answered in %d ms"):format(probe:version(), took), took
       end
       return "unhealthy", tostring(why)
     end,
