@@ -52,6 +52,10 @@ static int check_dir(const char *dir, char *err, size_t err_size) {
             set_err(err, err_size, "event log directory %s does not "
                     "exist: create it (mkdir -p %s) or point the event "
                     "log at another directory", dir, dir);
+        else if (errno == EACCES)
+            set_err(err, err_size, "event log directory %s cannot be reached by this user "
+                    "(uid %d): fix the permissions of its parent "
+                    "directories", dir, (int)geteuid());
         else
             set_err(err, err_size, "cannot reach event log directory %s: "
                     "%s; point the event log at a directory netra can "

@@ -661,6 +661,10 @@ static int check_dir(const char *dir, char *err, size_t err_size) {
             set_err(err, err_size, "spool directory %s does not exist: "
                     "create it (mkdir -p %s) or set NETRA_SPOOL_DIR to a "
                     "directory netra can write", dir, dir);
+        else if (errno == EACCES)
+            set_err(err, err_size, "spool directory %s cannot be reached by this user "
+                    "(uid %d): fix the permissions of its parent "
+                    "directories", dir, (int)geteuid());
         else
             set_err(err, err_size, "cannot reach spool directory %s: %s; "
                     "set NETRA_SPOOL_DIR to a directory netra can write",

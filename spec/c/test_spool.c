@@ -56,15 +56,21 @@ static void remove_dir(const char *dir) {
     nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static spool *open_ok(const char *dir, uint64_t seg_bytes,
-                      uint64_t max_bytes) {
+static spool *open_sync(const char *dir, uint64_t seg_bytes,
+                        uint64_t max_bytes, int sync_every) {
     spool_options o = {.dir = dir, .segment_bytes = seg_bytes,
-                       .max_bytes = max_bytes, .report = on_report};
+                       .max_bytes = max_bytes, .sync_every = sync_every,
+                       .report = on_report};
     spool *sp = NULL;
     char err[512];
     int rc = spool_open(&o, &sp, err, sizeof(err));
     if (rc != SPOOL_OK) fail_msg("spool_open: %s", err);
     return sp;
+}
+
+static spool *open_ok(const char *dir, uint64_t seg_bytes,
+                      uint64_t max_bytes) {
+    return open_sync(dir, seg_bytes, max_bytes, 0);
 }
 
 /* The payload of record `seq` in these tests: its length and bytes
@@ -692,7 +698,7 @@ static void test_crash_safety(void **state) {
         char copy[512];
         make_dir(copy, sizeof(copy));
         copy_dir(dir, copy);
-        spool *sp = open_ok(copy, 16384, 256ull << 20);
+        spool *sp = open_sync(copy, 16384, 256ull << 20, -1);
         static bool seen[CRASH_MAX_SEQ];
         memset(seen, 0, sizeof(seen));
         spool_record r;
