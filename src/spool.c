@@ -49,8 +49,9 @@ typedef struct {
     uint64_t pend_records;
     uint64_t pend_bytes;
     uint64_t pend_count;
+    uint64_t walked_to; /* damage before this offset was already reported
+                           and counted */
     bool damaged;     /* damage found: rename to *.corrupt when done */
-    bool scanned;     /* checked on open: its damage was reported then */
 } seg_info;
 
 /* A walk through one segment's records (open scan and replay). */
@@ -60,9 +61,20 @@ typedef struct {
     uint64_t end;      /* how far the segment may be read */
     uint64_t off;      /* the next record's offset */
     uint64_t last_seq; /* sequences must increase within a segment */
-    bool quiet;        /* damage already reported and counted */
+    uint64_t quiet_below; /* damage before here is not reported again */
+    bool quiet;
     bool damaged;
 } seg_walk;
+
+/* A record handed out and not yet acknowledged: where it ends, and what
+ * it weighs in the pending counts. */
+typedef struct {
+    uint64_t seq;
+    uint64_t number; /* its segment */
+    uint64_t end;    /* offset just past it */
+    uint32_t len;
+    uint32_t count;
+} handed;
 
 /* A record header as decoded. */
 typedef struct {
@@ -90,10 +102,19 @@ struct spool {
     int wfd;
     int unsynced;
 
-    seg_walk rd;    /* replay position in segs[0]; rd.fd < 0 when closed */
-    bool peeked;
-    rec_header peek;
-    uint64_t peek_end;
+    /* Replay. The head is where the first unacknowledged record of
+     * segs[0] may start; the reader walks ahead of it, handing records
+     * out, and remembers each one in `out` until it is acknowledged. */
+    uint64_t head_off;
+    uint64_t head_last_seq;
+    size_t rd_idx;   /* the reader's segment, an index into segs */
+    seg_walk rd;     /* rd.fd < 0 while not open */
+    handed *out;     /* handed out, oldest first, from out[out_start] */
+    size_t out_start;
+    size_t out_len;
+    size_t out_cap;
+    rec_header last; /* the newest handed out; its payload is in buf */
+    bool last_valid;
 
     uint8_t *buf;
     size_t buf_cap;
@@ -410,6 +431,7 @@ static int walk_next(spool *sp, seg_walk *w, rec_header *r) {
     while (w->off < w->end) {
         uint64_t left = w->end - w->off;
         uint8_t h[REC_HEADER];
+        w->quiet = w->off < w->quiet_below;
 
         if (left < REC_HEADER) {
             note_damage(sp, w, true);
@@ -506,7 +528,6 @@ static int segs_push(spool *sp, const seg_info *s) {
 static void close_reader(spool *sp) {
     if (sp->rd.fd >= 0) close(sp->rd.fd);
     sp->rd.fd = -1;
-    sp->peeked = false;
 }
 
 /* Forgets segs[0]: deletes its file, or quarantines it if damaged. */
@@ -515,7 +536,14 @@ static void segs_retire_head(spool *sp) {
     char name[SEG_NAME_MAX];
     seg_name(name, sizeof(name), s->number, false);
 
-    close_reader(sp);
+    if (sp->rd_idx == 0) {
+        close_reader(sp);
+        sp->rd = (seg_walk){.fd = -1, .off = SEG_HEADER};
+    } else {
+        sp->rd_idx--;
+    }
+    sp->head_off = SEG_HEADER;
+    sp->head_last_seq = 0;
     if (sp->wfd >= 0 && sp->nsegs == 1) {
         close(sp->wfd);
         sp->wfd = -1;
@@ -572,7 +600,8 @@ static int seg_create(spool *sp) {
     if (renameat(sp->dir_fd, tmp, sp->dir_fd, name) != 0) goto fail_fd;
     sync_dir(sp);
 
-    seg_info s = {.number = number, .size = SEG_HEADER};
+    seg_info s = {.number = number, .size = SEG_HEADER,
+                  .walked_to = SEG_HEADER};
     if (segs_push(sp, &s) != 0) {
         close(fd);
         unlinkat(sp->dir_fd, name, 0);
@@ -808,7 +837,7 @@ static int scan_segment(spool *sp, uint64_t number, char *err,
     if (base > sp->st.next_seq) sp->st.next_seq = base;
 
     seg_info s = {.number = number, .size = (uint64_t)st.st_size,
-                  .scanned = true};
+                  .walked_to = (uint64_t)st.st_size};
     seg_walk w = {.fd = fd, .number = number, .end = s.size,
                   .off = SEG_HEADER};
     rec_header r;
@@ -876,6 +905,7 @@ int spool_open(const spool_options *opt, spool **out, char *err,
         return SPOOL_ENOMEM;
     }
     sp->lock_fd = sp->wfd = sp->rd.fd = -1;
+    sp->rd.off = sp->head_off = SEG_HEADER;
     sp->max_bytes = opt->max_bytes ? opt->max_bytes
                                    : SPOOL_DEFAULT_MAX_BYTES;
     sp->segment_bytes = opt->segment_bytes ? opt->segment_bytes
@@ -913,6 +943,7 @@ void spool_close(spool *sp) {
     if (sp->lock_fd >= 0) close(sp->lock_fd); /* releases the flock */
     if (sp->dir_fd >= 0) close(sp->dir_fd);
     free(sp->segs);
+    free(sp->out);
     free(sp->buf);
     free(sp->dir);
     free(sp);
@@ -1008,89 +1039,196 @@ int spool_sync(spool *sp) {
 
 /* ---- replay ---- */
 
-static int open_reader(spool *sp) {
-    seg_info *s = &sp->segs[0];
-    char name[SEG_NAME_MAX];
-    seg_name(name, sizeof(name), s->number, false);
-    int fd = openat(sp->dir_fd, name, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        SP_ERR(sp, "cannot open spool segment %s/%s: %s", sp->dir, name,
-               strerror(errno));
-        return -1;
+static handed *out_front(spool *sp) {
+    return sp->out_len ? &sp->out[sp->out_start] : NULL;
+}
+
+static int out_push(spool *sp, const handed *h) {
+    if (sp->out_start > 0 && sp->out_start + sp->out_len == sp->out_cap) {
+        memmove(sp->out, sp->out + sp->out_start,
+                sp->out_len * sizeof(*sp->out));
+        sp->out_start = 0;
     }
-    sp->rd = (seg_walk){.fd = fd, .number = s->number, .off = SEG_HEADER,
-                        .quiet = s->scanned, .damaged = s->damaged};
+    if (sp->out_start + sp->out_len == sp->out_cap) {
+        size_t cap = sp->out_cap ? sp->out_cap * 2 : 64;
+        handed *n = realloc(sp->out, cap * sizeof(*n));
+        if (!n) return -1;
+        sp->out = n;
+        sp->out_cap = cap;
+    }
+    sp->out[sp->out_start + sp->out_len++] = *h;
     return 0;
 }
 
-static void fill_record(const spool *sp, spool_record *out) {
-    out->seq = sp->peek.seq;
-    out->kind = sp->peek.kind;
-    out->count = sp->peek.count;
-    out->data = sp->buf;
-    out->len = sp->peek.len;
+/* Moves the reader back to the head: everything handed out and not
+ * acknowledged will be handed out again. */
+static void reader_rewind(spool *sp) {
+    close_reader(sp);
+    sp->rd_idx = 0;
+    sp->rd = (seg_walk){.fd = -1, .off = sp->head_off,
+                        .last_seq = sp->head_last_seq};
+    sp->out_start = sp->out_len = 0;
+    sp->last_valid = false;
 }
 
-int spool_peek(spool *sp, spool_record *out) {
+static bool is_writing(const spool *sp, size_t idx) {
+    return sp->wfd >= 0 && idx == sp->nsegs - 1;
+}
+
+/* The reader's next pending record: 1 (payload in sp->buf), 0 when it
+ * has reached the end of what is written, -1 on an error. */
+static int reader_next(spool *sp, rec_header *r) {
+    while (sp->rd_idx < sp->nsegs) {
+        seg_info *s = &sp->segs[sp->rd_idx];
+        if (sp->rd.fd < 0) {
+            char name[SEG_NAME_MAX];
+            seg_name(name, sizeof(name), s->number, false);
+            sp->rd.fd = openat(sp->dir_fd, name, O_RDONLY | O_CLOEXEC);
+            if (sp->rd.fd < 0) {
+                SP_ERR(sp, "cannot open spool segment %s/%s: %s", sp->dir,
+                       name, strerror(errno));
+                return -1;
+            }
+            sp->rd.number = s->number;
+        }
+        sp->rd.end = s->size;
+        sp->rd.quiet_below = s->walked_to;
+        sp->rd.damaged = false;
+
+        int rc = walk_next(sp, &sp->rd, r);
+        if (sp->rd.damaged) s->damaged = true;
+        if (rc < 0) return -1;
+        if (rc == 1) sp->rd.off += REC_HEADER + r->len;
+        if (sp->rd.off > s->walked_to) s->walked_to = sp->rd.off;
+        if (rc == 1 && r->seq > sp->st.acked_seq) return 1;
+        if (rc == 1) continue;
+
+        if (is_writing(sp, sp->rd_idx)) return 0;
+        close_reader(sp);
+        sp->rd_idx++;
+        sp->rd = (seg_walk){.fd = -1, .off = SEG_HEADER};
+    }
+    return 0;
+}
+
+/* Forgets the segments before the oldest one still needed: the one of
+ * the oldest record handed out, else the reader's. A drained segment
+ * that is being written goes too (the next append starts another). */
+static void retire_consumed(spool *sp) {
+    handed *f = out_front(sp);
+    uint64_t keep = f ? f->number
+                      : sp->rd_idx < sp->nsegs ? sp->segs[sp->rd_idx].number
+                                               : UINT64_MAX;
+    while (sp->nsegs > 0 && sp->segs[0].number < keep)
+        segs_retire_head(sp);
+
+    if (!f && sp->nsegs == 1 && sp->rd_idx == 0 && is_writing(sp, 0) &&
+        sp->segs[0].size > SEG_HEADER && sp->rd.off == sp->segs[0].size)
+        segs_retire_head(sp);
+}
+
+static void fill_record(const spool *sp, spool_record *out) {
+    out->seq = sp->last.seq;
+    out->kind = sp->last.kind;
+    out->count = sp->last.count;
+    out->data = sp->buf;
+    out->len = sp->last.len;
+}
+
+int spool_peek_next(spool *sp, uint64_t after, spool_record *out) {
     if (!sp || !out) return SPOOL_EINVAL;
-    if (sp->peeked) {
-        fill_record(sp, out);
-        return SPOOL_OK;
+    handed *f = out_front(sp);
+    if (f && after < sp->last.seq) {
+        uint64_t prev = sp->out_len > 1
+                            ? sp->out[sp->out_start + sp->out_len - 2].seq
+                            : 0;
+        if (sp->last_valid && after >= prev) {
+            fill_record(sp, out); /* the newest one, asked again */
+            return SPOOL_OK;
+        }
+        reader_rewind(sp);
     }
 
-    while (sp->nsegs > 0) {
-        seg_info *s = &sp->segs[0];
-        bool writing = sp->wfd >= 0 && sp->nsegs == 1;
-        if (sp->rd.fd < 0 && open_reader(sp) != 0) return SPOOL_EIO;
-        sp->rd.end = s->size;
-
+    for (;;) {
         rec_header r;
-        int rc = walk_next(sp, &sp->rd, &r);
-        s->damaged = sp->rd.damaged;
-        if (rc < 0) return SPOOL_EIO;
-        if (rc == 1 && r.seq <= sp->st.acked_seq) {
-            sp->rd.off += REC_HEADER + r.len;
-            continue;
+        int rc = reader_next(sp, &r);
+        if (rc < 0) {
+            reader_rewind(sp);
+            return SPOOL_EIO;
         }
-        if (rc == 1) {
-            sp->peek = r;
-            sp->peek_end = sp->rd.off + REC_HEADER + r.len;
-            sp->peeked = true;
+        if (rc == 0) {
+            retire_consumed(sp);
+            return SPOOL_EMPTY;
+        }
+        handed h = {.seq = r.seq, .number = sp->segs[sp->rd_idx].number,
+                    .end = sp->rd.off, .len = r.len, .count = r.count};
+        if (out_push(sp, &h) != 0) {
+            reader_rewind(sp);
+            SP_ERR(sp, "out of memory replaying the spool");
+            return SPOOL_ENOMEM;
+        }
+        sp->last = r;
+        sp->last_valid = true;
+        if (r.seq > after) {
             fill_record(sp, out);
             return SPOOL_OK;
         }
-        if (writing && s->size == SEG_HEADER) return SPOOL_EMPTY;
-        segs_retire_head(sp);
-        if (writing) return SPOOL_EMPTY;
     }
-    return SPOOL_EMPTY;
+}
+
+int spool_peek(spool *sp, spool_record *out) {
+    return spool_peek_next(sp, 0, out);
+}
+
+int spool_ack_through(spool *sp, uint64_t seq) {
+    if (!sp) return SPOOL_EINVAL;
+    if (seq <= sp->st.acked_seq) return SPOOL_OK;
+    if (!out_front(sp) || seq > sp->last.seq) {
+        SP_ERR(sp, "spool_ack_through(%" PRIu64 "): that record was not "
+               "handed out yet (the newest is %" PRIu64 "); call "
+               "spool_peek_next first", seq,
+               out_front(sp) ? sp->last.seq : 0);
+        return SPOOL_EINVAL;
+    }
+    if (cursor_write(sp, seq) != 0) return SPOOL_EIO;
+    sp->st.acked_seq = seq;
+
+    handed *h;
+    while ((h = out_front(sp)) != NULL && h->seq <= seq) {
+        while (sp->segs[0].number < h->number) segs_retire_head(sp);
+        seg_info *s = &sp->segs[0];
+        uint64_t frame = REC_HEADER + h->len;
+        s->pend_records--;
+        s->pend_bytes -= frame;
+        s->pend_count -= h->count;
+        sp->st.pending_records--;
+        sp->st.pending_bytes -= frame;
+        sp->st.pending_count -= h->count;
+        sp->head_off = h->end;
+        sp->head_last_seq = h->seq;
+        sp->out_start++;
+        sp->out_len--;
+    }
+    if (!sp->out_len) {
+        sp->out_start = 0;
+        retire_consumed(sp);
+    }
+    return SPOOL_OK;
 }
 
 int spool_ack(spool *sp, uint64_t seq) {
     if (!sp) return SPOOL_EINVAL;
-    if (!sp->peeked || seq != sp->peek.seq) {
-        if (sp->peeked)
-            SP_ERR(sp, "spool_ack(%" PRIu64 "): the record handed out is %"
-                   PRIu64 "; acknowledge that one", seq, sp->peek.seq);
+    handed *f = out_front(sp);
+    if (!f || seq != f->seq) {
+        if (f)
+            SP_ERR(sp, "spool_ack(%" PRIu64 "): the oldest record handed "
+                   "out is %" PRIu64 "; acknowledge that one", seq, f->seq);
         else
             SP_ERR(sp, "spool_ack(%" PRIu64 "): no record is handed out; "
                    "call spool_peek first", seq);
         return SPOOL_EINVAL;
     }
-    if (cursor_write(sp, seq) != 0) return SPOOL_EIO;
-
-    seg_info *s = &sp->segs[0];
-    uint64_t frame = REC_HEADER + sp->peek.len;
-    sp->st.acked_seq = seq;
-    s->pend_records--;
-    s->pend_bytes -= frame;
-    s->pend_count -= sp->peek.count;
-    sp->st.pending_records--;
-    sp->st.pending_bytes -= frame;
-    sp->st.pending_count -= sp->peek.count;
-    sp->rd.off = sp->peek_end;
-    sp->peeked = false;
-    return SPOOL_OK;
+    return spool_ack_through(sp, seq);
 }
 
 /* ---- small accessors ---- */

@@ -30,9 +30,15 @@
  * opener, in this process or another, gets SPOOL_ELOCKED and a message
  * naming the holder's pid.
  *
+ * Replay. spool_peek_next hands out pending records oldest first, as
+ * far ahead as the caller wants (to fill one insert from many records);
+ * spool_ack_through then marks everything up to a sequence number
+ * delivered. spool_peek and spool_ack are the one-record forms.
+ *
  * Threads. A spool is used by one thread at a time (the analytics
- * thread); nothing here locks. Different spools may be used on different
- * threads. */
+ * thread); nothing here locks, so callers that share a spool between
+ * threads must hold their own mutex around every call. Different spools
+ * may be used on different threads. */
 #ifndef NETRA_SPOOL_H
 #define NETRA_SPOOL_H
 
@@ -129,19 +135,32 @@ void spool_close(spool *sp);
 int spool_append(spool *sp, uint16_t kind, const void *data, size_t len,
                  uint32_t count, uint64_t *seq);
 
-/* Hands out the oldest pending record without removing it: the same one
- * again until it is acknowledged. Returns SPOOL_OK with *out filled,
- * SPOOL_EMPTY when nothing is pending, or SPOOL_EIO / SPOOL_ENOMEM.
- * Damage met on the way is reported and skipped. Fully delivered
- * segments are deleted here (a segment that held damage is renamed to
- * *.corrupt instead, so that it can be looked at). */
+/* Hands out the oldest pending record whose sequence number is above
+ * `after` (0: the oldest pending record) without removing it. To read
+ * ahead, pass the seq of the record last handed out; asking for an
+ * earlier one reads again from the oldest pending record. Returns
+ * SPOOL_OK with *out filled, SPOOL_EMPTY when there is no such record,
+ * or SPOOL_EIO / SPOOL_ENOMEM. Damage met on the way is reported once
+ * and skipped. Segments with nothing left pending are deleted here or
+ * in spool_ack_through (one that held damage is renamed to *.corrupt
+ * instead, so that it can be looked at). Records handed out are
+ * remembered (about 32 bytes each) until acknowledged. */
+int spool_peek_next(spool *sp, uint64_t after, spool_record *out);
+
+/* spool_peek_next(sp, 0, out): the oldest pending record, the same one
+ * again until it is acknowledged. */
 int spool_peek(spool *sp, spool_record *out);
 
-/* Marks the record last handed out by spool_peek as delivered; seq must
- * be its sequence number. The cursor file is replaced atomically (synced
- * unless sync_every is negative), so a delivered record is not handed out
- * again after a reopen. Returns SPOOL_OK, SPOOL_EINVAL (seq is not the
- * peeked record's) or SPOOL_EIO (the record stays pending). */
+/* Marks every pending record up to and including seq delivered; seq must
+ * be one handed out by spool_peek_next (a seq already acknowledged is a
+ * no-op). The cursor file is replaced atomically (synced unless
+ * sync_every is negative), so a delivered record is not handed out again
+ * after a reopen. Returns SPOOL_OK, SPOOL_EINVAL (seq not handed out
+ * yet) or SPOOL_EIO (nothing changes: the records stay pending). */
+int spool_ack_through(spool *sp, uint64_t seq);
+
+/* spool_ack_through for exactly the oldest record handed out; seq must
+ * be its sequence number, else SPOOL_EINVAL. */
 int spool_ack(spool *sp, uint64_t seq);
 
 /* Syncs the current segment now, whatever sync_every says. SPOOL_OK or

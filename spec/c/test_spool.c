@@ -277,6 +277,69 @@ static void test_reopen_resumes(void **state) {
     remove_dir(dir);
 }
 
+static void test_read_ahead(void **state) {
+    (void)state;
+    char dir[512];
+    make_dir(dir, sizeof(dir));
+    spool *sp = open_ok(dir, 8192, 0);
+    for (int i = 0; i < 100; i++) append_one(sp);
+
+    spool_record r;
+    uint64_t last = 0;
+    for (int i = 0; i < 30; i++) { /* across several segments */
+        assert_int_equal(spool_peek_next(sp, last, &r), SPOOL_OK);
+        assert_int_equal(r.seq, last + 1);
+        assert_true(payload_ok(&r));
+        last = r.seq;
+    }
+    assert_int_equal(spool_peek_next(sp, 30, &r), SPOOL_OK);
+    assert_int_equal(r.seq, 31); /* going on is fine */
+    assert_int_equal(spool_peek_next(sp, 30, &r), SPOOL_OK);
+    assert_int_equal(r.seq, 31); /* the same again */
+    assert_int_equal(spool_peek_next(sp, 5, &r), SPOOL_OK);
+    assert_int_equal(r.seq, 6); /* back again */
+    assert_true(payload_ok(&r));
+    assert_int_equal(spool_ack_through(sp, 30), SPOOL_EINVAL);
+    assert_non_null(strstr(spool_error(sp), "newest is 6"));
+    for (last = 6; last < 30; last = r.seq)
+        assert_int_equal(spool_peek_next(sp, last, &r), SPOOL_OK);
+
+    assert_int_equal(spool_ack_through(sp, 20), SPOOL_OK);
+    assert_int_equal(spool_ack_through(sp, 12), SPOOL_OK); /* no-op */
+    spool_stats st;
+    spool_get_stats(sp, &st);
+    assert_int_equal(st.pending_records, 80);
+    assert_int_equal(st.acked_seq, 20);
+    assert_int_equal(spool_peek(sp, &r), SPOOL_OK);
+    assert_int_equal(r.seq, 21);
+    spool_close(sp); /* 21..30 handed out, not acknowledged */
+
+    sp = open_ok(dir, 8192, 0);
+    uint64_t want = 21;
+    last = 0;
+    for (;;) { /* batches of seven */
+        int k = 0;
+        while (k < 7 && spool_peek_next(sp, last, &r) == SPOOL_OK) {
+            assert_int_equal(r.seq, want++);
+            assert_true(payload_ok(&r));
+            last = r.seq;
+            k++;
+        }
+        if (!k) break;
+        assert_int_equal(spool_ack_through(sp, last), SPOOL_OK);
+    }
+    assert_int_equal(want, 101);
+    spool_get_stats(sp, &st);
+    assert_int_equal(st.pending_records, 0);
+    assert_int_equal(st.pending_bytes, 0);
+    assert_int_equal(st.disk_bytes, 0);
+    char segs[64][300];
+    assert_int_equal(list_segs(dir, segs, 64), 0);
+    assert_int_equal(nreports, 0);
+    spool_close(sp);
+    remove_dir(dir);
+}
+
 static void test_ack_rules(void **state) {
     (void)state;
     char dir[512];
@@ -291,6 +354,7 @@ static void test_ack_rules(void **state) {
     assert_int_equal(spool_peek(sp, &r), SPOOL_OK);
     assert_int_equal(spool_ack(sp, 2), SPOOL_EINVAL);
     assert_non_null(strstr(spool_error(sp), "handed out is 1"));
+    assert_int_equal(spool_ack_through(sp, 2), SPOOL_EINVAL);
     assert_int_equal(spool_ack(sp, 1), SPOOL_OK);
 
     uint8_t one = 0;
@@ -620,11 +684,16 @@ static void crash_child(const char *dir, int out, bool sync) {
             _exit(3);
         if (write(out, &seq, sizeof(seq)) != sizeof(seq)) _exit(4);
         spool_record r;
-        if (i % 7 != 6 || spool_peek(sp, &r) != SPOOL_OK) continue;
-        uint64_t a = r.seq | ACK_INTENT; /* may be gone from here on */
+        uint64_t last = 0;
+        if (i % 7 != 6) continue;
+        for (int k = 0; k < 1 + i % 5 && spool_peek_next(sp, last, &r) ==
+                                              SPOOL_OK; k++)
+            last = r.seq; /* a batch of up to five */
+        if (!last) continue;
+        uint64_t a = last | ACK_INTENT; /* may be gone from here on */
         if (write(out, &a, sizeof(a)) != sizeof(a)) _exit(5);
-        if (spool_ack(sp, r.seq) != SPOOL_OK) _exit(6);
-        a = r.seq | ACK_FLAG; /* must be gone */
+        if (spool_ack_through(sp, last) != SPOOL_OK) _exit(6);
+        a = last | ACK_FLAG; /* must be gone */
         if (write(out, &a, sizeof(a)) != sizeof(a)) _exit(7);
     }
 }
@@ -740,6 +809,7 @@ int main(void) {
         cmocka_unit_test(test_crc32c),
         cmocka_unit_test(test_order_across_rolls),
         cmocka_unit_test(test_reopen_resumes),
+        cmocka_unit_test(test_read_ahead),
         cmocka_unit_test(test_ack_rules),
         cmocka_unit_test(test_bound),
         cmocka_unit_test(test_lock),
