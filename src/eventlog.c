@@ -49,29 +49,38 @@ static int check_dir(const char *dir, char *err, size_t err_size) {
     struct stat st;
     if (stat(dir, &st) != 0) {
         if (errno == ENOENT)
-            set_err(err, err_size, "event log directory %s does not "
+            set_err(err, err_size,
+                    "event log directory %s does not "
                     "exist: create it (mkdir -p %s) or point the event "
-                    "log at another directory", dir, dir);
+                    "log at another directory",
+                    dir, dir);
         else if (errno == EACCES)
-            set_err(err, err_size, "event log directory %s cannot be reached by this user "
+            set_err(err, err_size,
+                    "event log directory %s cannot be reached by this user "
                     "(uid %d): fix the permissions of its parent "
-                    "directories", dir, (int)geteuid());
+                    "directories",
+                    dir, (int)geteuid());
         else
-            set_err(err, err_size, "cannot reach event log directory %s: "
+            set_err(err, err_size,
+                    "cannot reach event log directory %s: "
                     "%s; point the event log at a directory netra can "
-                    "write", dir, strerror(errno));
+                    "write",
+                    dir, strerror(errno));
         return EVLOG_EIO;
     }
     if (!S_ISDIR(st.st_mode)) {
-        set_err(err, err_size, "event log directory %s is not a "
-                "directory: point the event log at a directory", dir);
+        set_err(err, err_size,
+                "event log directory %s is not a "
+                "directory: point the event log at a directory",
+                dir);
         return EVLOG_EIO;
     }
     if (access(dir, W_OK | X_OK) != 0) {
-        set_err(err, err_size, "event log directory %s is not writable "
+        set_err(err, err_size,
+                "event log directory %s is not writable "
                 "by this user (uid %d): fix its permissions (chown or "
-                "chmod u+w) or point the event log elsewhere", dir,
-                (int)geteuid());
+                "chmod u+w) or point the event log elsewhere",
+                dir, (int)geteuid());
         return EVLOG_EIO;
     }
     return EVLOG_OK;
@@ -80,11 +89,12 @@ static int check_dir(const char *dir, char *err, size_t err_size) {
 static int take_lock(evlog *ev, char *err, size_t err_size) {
     char lock[NAME_MAX_LEN + 8];
     snprintf(lock, sizeof(lock), "%s.lock", ev->name);
-    ev->lock_fd = openat(ev->dir_fd, lock, O_RDWR | O_CREAT | O_CLOEXEC,
-                         0644);
+    ev->lock_fd = openat(ev->dir_fd, lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (ev->lock_fd < 0) {
-        set_err(err, err_size, "cannot open %s/%s: %s; fix the "
-                "directory's permissions", ev->dir, lock, strerror(errno));
+        set_err(err, err_size,
+                "cannot open %s/%s: %s; fix the "
+                "directory's permissions",
+                ev->dir, lock, strerror(errno));
         return EVLOG_EIO;
     }
     if (flock(ev->lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -92,10 +102,11 @@ static int take_lock(evlog *ev, char *err, size_t err_size) {
         ssize_t n = pread(ev->lock_fd, pid, sizeof(pid) - 1, 0);
         pid[n > 0 ? n : 0] = '\0';
         pid[strcspn(pid, "\n")] = '\0';
-        set_err(err, err_size, "event log %s/%s is in use by another "
+        set_err(err, err_size,
+                "event log %s/%s is in use by another "
                 "process (pid %s, per %s/%s): stop that netra instance or "
-                "give this one its own directory", ev->dir, ev->name,
-                pid[0] ? pid : "unknown", ev->dir, lock);
+                "give this one its own directory",
+                ev->dir, ev->name, pid[0] ? pid : "unknown", ev->dir, lock);
         return EVLOG_ELOCKED;
     }
     char pid[32];
@@ -112,13 +123,14 @@ static int take_lock(evlog *ev, char *err, size_t err_size) {
 /* Opens the current file for appending; closes a line left torn by a
  * crash with a newline. */
 static int open_file(evlog *ev) {
-    ev->fd = openat(ev->dir_fd, ev->name, O_WRONLY | O_CREAT | O_APPEND |
-                    O_CLOEXEC, 0640);
+    ev->fd = openat(ev->dir_fd, ev->name,
+                    O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
     struct stat st;
     if (ev->fd < 0 || fstat(ev->fd, &st) != 0) {
-        EV_ERR(ev, "cannot open event log %s/%s: %s; check the directory's "
-               "permissions and free space", ev->dir, ev->name,
-               strerror(errno));
+        EV_ERR(ev,
+               "cannot open event log %s/%s: %s; check the directory's "
+               "permissions and free space",
+               ev->dir, ev->name, strerror(errno));
         return EVLOG_EIO;
     }
     ev->st.file_bytes = (uint64_t)st.st_size;
@@ -130,14 +142,15 @@ static int open_file(evlog *ev) {
     if (rfd >= 0) close(rfd);
     if (got == 1 && last != '\n') {
         if (write(ev->fd, "\n", 1) != 1) {
-            EV_ERR(ev, "cannot write to event log %s/%s: %s", ev->dir,
-                   ev->name, strerror(errno));
+            EV_ERR(ev, "cannot write to event log %s/%s: %s", ev->dir, ev->name,
+                   strerror(errno));
             return EVLOG_EIO;
         }
         ev->st.file_bytes++;
-        log_msg(NLOG_WARN, "EventLog", "%s/%s ended inside a line (a crash "
-                "while writing?); closed it with a newline", ev->dir,
-                ev->name);
+        log_msg(NLOG_WARN, "EventLog",
+                "%s/%s ended inside a line (a crash "
+                "while writing?); closed it with a newline",
+                ev->dir, ev->name);
     }
     return EVLOG_OK;
 }
@@ -159,13 +172,15 @@ int evlog_open(const evlog_options *opt, evlog **out, char *err,
     const char *name = opt->name ? opt->name : EVLOG_DEFAULT_NAME;
     if (!name[0] || strchr(name, '/') || strlen(name) > NAME_MAX_LEN ||
         !strcmp(name, ".") || !strcmp(name, "..")) {
-        set_err(err, err_size, "event log name \"%s\" is not a plain file "
-                "name", name);
+        set_err(err, err_size,
+                "event log name \"%s\" is not a plain file "
+                "name",
+                name);
         return EVLOG_EINVAL;
     }
     if (opt->keep < 0 || opt->keep > EVLOG_KEEP_MAX) {
-        set_err(err, err_size, "event log keep=%d is outside 0..%d",
-                opt->keep, EVLOG_KEEP_MAX);
+        set_err(err, err_size, "event log keep=%d is outside 0..%d", opt->keep,
+                EVLOG_KEEP_MAX);
         return EVLOG_EINVAL;
     }
     int rc = check_dir(opt->dir, err, err_size);
@@ -179,8 +194,7 @@ int evlog_open(const evlog_options *opt, evlog **out, char *err,
     }
     snprintf(ev->name, sizeof(ev->name), "%s", name);
     ev->lock_fd = ev->fd = -1;
-    ev->max_bytes = opt->max_bytes ? opt->max_bytes
-                                   : EVLOG_DEFAULT_MAX_BYTES;
+    ev->max_bytes = opt->max_bytes ? opt->max_bytes : EVLOG_DEFAULT_MAX_BYTES;
     ev->keep = opt->keep;
     ev->sync_every = opt->sync_every == 0 ? 1 : opt->sync_every;
 
@@ -216,8 +230,10 @@ void evlog_close(evlog *ev) {
 
 /* name.N, or name itself for 0. */
 static void rotated_name(const evlog *ev, int n, char *out, size_t size) {
-    if (n == 0) snprintf(out, size, "%s", ev->name);
-    else snprintf(out, size, "%s.%d", ev->name, n);
+    if (n == 0)
+        snprintf(out, size, "%s", ev->name);
+    else
+        snprintf(out, size, "%s.%d", ev->name, n);
 }
 
 /* Shifts name -> name.1 -> name.2 ... (dropping the oldest) and starts an
@@ -225,8 +241,8 @@ static void rotated_name(const evlog *ev, int n, char *out, size_t size) {
 static int rotate(evlog *ev) {
     char from[NAME_MAX_LEN + 16], to[NAME_MAX_LEN + 16];
     if (sync_now(ev) != 0) {
-        EV_ERR(ev, "cannot sync event log %s/%s before rotating: %s",
-               ev->dir, ev->name, strerror(errno));
+        EV_ERR(ev, "cannot sync event log %s/%s before rotating: %s", ev->dir,
+               ev->name, strerror(errno));
         return EVLOG_EIO;
     }
     close(ev->fd);
@@ -237,8 +253,7 @@ static int rotate(evlog *ev) {
     for (int i = ev->keep - 1; i >= 0; i--) {
         rotated_name(ev, i, from, sizeof(from));
         rotated_name(ev, i + 1, to, sizeof(to));
-        if (renameat(ev->dir_fd, from, ev->dir_fd, to) != 0 &&
-            errno != ENOENT)
+        if (renameat(ev->dir_fd, from, ev->dir_fd, to) != 0 && errno != ENOENT)
             goto fail;
     }
     if (ev->sync_every >= 0) fsync(ev->dir_fd);
@@ -246,9 +261,10 @@ static int rotate(evlog *ev) {
     return open_file(ev);
 
 fail:
-    EV_ERR(ev, "cannot rotate event log %s/%s (%s): %s; check the "
-           "directory's permissions", ev->dir, from, ev->name,
-           strerror(errno));
+    EV_ERR(ev,
+           "cannot rotate event log %s/%s (%s): %s; check the "
+           "directory's permissions",
+           ev->dir, from, ev->name, strerror(errno));
     return EVLOG_EIO; /* the next append opens the file again */
 }
 
@@ -259,26 +275,31 @@ static bool line_ok(evlog *ev, const char *line, size_t len) {
         return false;
     }
     if (len > EVLOG_LINE_MAX) {
-        EV_ERR(ev, "event log line of %zu bytes is over the %u-byte limit",
-               len, EVLOG_LINE_MAX);
+        EV_ERR(ev, "event log line of %zu bytes is over the %u-byte limit", len,
+               EVLOG_LINE_MAX);
         return false;
     }
     const char *bad = memchr(line, '\n', len);
     if (!bad) bad = memchr(line, '\r', len);
     if (!bad) bad = memchr(line, '\0', len);
     if (bad) {
-        EV_ERR(ev, "event log line holds a raw %s at byte %zu; escape it "
-               "inside JSON strings", *bad == '\n' ? "newline"
-               : *bad == '\r' ? "carriage return" : "NUL byte",
+        EV_ERR(ev,
+               "event log line holds a raw %s at byte %zu; escape it "
+               "inside JSON strings",
+               *bad == '\n'   ? "newline"
+               : *bad == '\r' ? "carriage return"
+                              : "NUL byte",
                (size_t)(bad - line));
         return false;
     }
     size_t a = 0, b = len;
-    while (a < b && (line[a] == ' ' || line[a] == '\t')) a++;
-    while (b > a && (line[b - 1] == ' ' || line[b - 1] == '\t')) b--;
+    while (a < b && (line[a] == ' ' || line[a] == '\t'))
+        a++;
+    while (b > a && (line[b - 1] == ' ' || line[b - 1] == '\t'))
+        b--;
     if (b - a < 2 || line[a] != '{' || line[b - 1] != '}') {
         EV_ERR(ev, "event log line is not a JSON object (it must start "
-               "with '{' and end with '}')");
+                   "with '{' and end with '}')");
         return false;
     }
     return true;
@@ -292,8 +313,8 @@ int evlog_append(evlog *ev, const char *line, size_t len) {
     }
     if (ev->fd < 0 && open_file(ev) != EVLOG_OK) return EVLOG_EIO;
 
-    if (ev->st.file_bytes > 0 && ev->st.file_bytes + len + 1 > ev->max_bytes
-        && rotate(ev) != EVLOG_OK)
+    if (ev->st.file_bytes > 0 && ev->st.file_bytes + len + 1 > ev->max_bytes &&
+        rotate(ev) != EVLOG_OK)
         return EVLOG_EIO;
 
     struct iovec iov[2] = {{(void *)line, len}, {"\n", 1}};
@@ -304,7 +325,8 @@ int evlog_append(evlog *ev, const char *line, size_t len) {
         struct iovec rest[2];
         if (done > 0) { /* rare: continue a short write */
             size_t skip = done;
-            for (; n > 0 && skip >= v->iov_len; v++, n--) skip -= v->iov_len;
+            for (; n > 0 && skip >= v->iov_len; v++, n--)
+                skip -= v->iov_len;
             memcpy(rest, v, (size_t)n * sizeof(*v));
             rest[0].iov_base = (char *)rest[0].iov_base + skip;
             rest[0].iov_len -= skip;
@@ -326,8 +348,8 @@ int evlog_append(evlog *ev, const char *line, size_t len) {
     return EVLOG_OK;
 
 fail:
-    EV_ERR(ev, "cannot write to event log %s/%s: %s; check free space",
-           ev->dir, ev->name, errno ? strerror(errno) : "short write");
+    EV_ERR(ev, "cannot write to event log %s/%s: %s; check free space", ev->dir,
+           ev->name, errno ? strerror(errno) : "short write");
     if (ftruncate(ev->fd, (off_t)ev->st.file_bytes) != 0) {
         close(ev->fd); /* reopened (and the torn line closed) next time */
         ev->fd = -1;

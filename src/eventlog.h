@@ -45,11 +45,11 @@ typedef struct {
 } evlog_options;
 
 typedef struct {
-    uint64_t lines;       /* written since open */
-    uint64_t bytes;       /* written since open, newlines included */
-    uint64_t rejected;    /* lines refused with EVLOG_EINVAL */
+    uint64_t lines;    /* written since open */
+    uint64_t bytes;    /* written since open, newlines included */
+    uint64_t rejected; /* lines refused with EVLOG_EINVAL */
     uint64_t rotations;
-    uint64_t file_bytes;  /* size of the current file */
+    uint64_t file_bytes; /* size of the current file */
 } evlog_stats;
 
 typedef struct evlog evlog;

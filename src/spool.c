@@ -36,6 +36,7 @@
 #define SEG_DIGITS 20
 #define SEG_NAME_MAX 64
 
+#define SEQ_LIMIT (1ull << 62) /* larger sequence numbers are damage */
 #define MIN_SEGMENT_BYTES (SEG_HEADER + REC_HEADER)
 #define RESYNC_CHUNK 65536u
 #define ERR_MAX 512
@@ -43,24 +44,24 @@
 /* A segment file the spool knows about. The pending counts cover its
  * records that are accepted and not yet acknowledged. */
 typedef struct {
-    uint64_t number;  /* from the file name; sets the order */
-    uint64_t size;    /* bytes: the file's size, or the written end of the
-                         segment being appended */
+    uint64_t number; /* from the file name; sets the order */
+    uint64_t size;   /* bytes: the file's size, or the written end of the
+                        segment being appended */
     uint64_t pend_records;
     uint64_t pend_bytes;
     uint64_t pend_count;
     uint64_t walked_to; /* damage before this offset was already reported
                            and counted */
-    bool damaged;     /* damage found: rename to *.corrupt when done */
+    bool damaged;       /* damage found: rename to *.corrupt when done */
 } seg_info;
 
 /* A walk through one segment's records (open scan and replay). */
 typedef struct {
     int fd;
     uint64_t number;
-    uint64_t end;      /* how far the segment may be read */
-    uint64_t off;      /* the next record's offset */
-    uint64_t last_seq; /* sequences must increase within a segment */
+    uint64_t end;         /* how far the segment may be read */
+    uint64_t off;         /* the next record's offset */
+    uint64_t last_seq;    /* sequences must increase within a segment */
     uint64_t quiet_below; /* damage before here is not reported again */
     bool quiet;
     bool damaged;
@@ -107,9 +108,9 @@ struct spool {
      * out, and remembers each one in `out` until it is acknowledged. */
     uint64_t head_off;
     uint64_t head_last_seq;
-    size_t rd_idx;   /* the reader's segment, an index into segs */
-    seg_walk rd;     /* rd.fd < 0 while not open */
-    handed *out;     /* handed out, oldest first, from out[out_start] */
+    size_t rd_idx; /* the reader's segment, an index into segs */
+    seg_walk rd;   /* rd.fd < 0 while not open */
+    handed *out;   /* handed out, oldest first, from out[out_start] */
     size_t out_start;
     size_t out_len;
     size_t out_cap;
@@ -173,11 +174,13 @@ static void put16(uint8_t *p, uint16_t v) {
 }
 
 static void put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
 }
 
 static void put64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
 }
 
 static uint16_t get16(const uint8_t *p) {
@@ -212,8 +215,8 @@ static void set_err(char *err, size_t n, const char *fmt, ...) {
 static ssize_t read_at(int fd, void *buf, size_t n, uint64_t off) {
     size_t done = 0;
     while (done < n) {
-        ssize_t r = pread(fd, (uint8_t *)buf + done, n - done,
-                          (off_t)(off + done));
+        ssize_t r =
+            pread(fd, (uint8_t *)buf + done, n - done, (off_t)(off + done));
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) return -1;
         if (r == 0) break;
@@ -288,12 +291,11 @@ static int sync_file(spool *sp, int fd) {
     return fdatasync(fd);
 }
 
-static void report(spool *sp, const char *name, uint64_t off,
-                   const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+static void report(spool *sp, const char *name, uint64_t off, const char *fmt,
+                   ...) __attribute__((format(printf, 4, 5)));
 
-static void report(spool *sp, const char *name, uint64_t off,
-                   const char *fmt, ...) {
+static void report(spool *sp, const char *name, uint64_t off, const char *fmt,
+                   ...) {
     char path[PATH_MAX];
     char reason[256];
     va_list ap;
@@ -318,8 +320,10 @@ static void quarantine(spool *sp, const char *name, const char *why) {
         snprintf(target, sizeof(target), "%s.corrupt.%d", name, i);
 
     if (renameat(sp->dir_fd, name, sp->dir_fd, target) != 0) {
-        report(sp, name, 0, "%s; renaming it to %s failed (%s), so it was "
-               "left in place", why, target, strerror(errno));
+        report(sp, name, 0,
+               "%s; renaming it to %s failed (%s), so it was "
+               "left in place",
+               why, target, strerror(errno));
         return;
     }
     sp->st.quarantined++;
@@ -331,7 +335,8 @@ static void quarantine(spool *sp, const char *name, const char *why) {
 static int buf_reserve(spool *sp, size_t n) {
     if (n <= sp->buf_cap) return 0;
     size_t cap = sp->buf_cap ? sp->buf_cap : 4096;
-    while (cap < n) cap *= 2;
+    while (cap < n)
+        cap *= 2;
     uint8_t *b = realloc(sp->buf, cap);
     if (!b) return -1;
     sp->buf = b;
@@ -362,20 +367,18 @@ static bool rec_decode(const uint8_t *h, rec_header *r) {
     r->kind = get16(h + 16);
     r->count = get32(h + 20);
     r->payload_crc = get32(h + 24);
-    return r->len <= SPOOL_RECORD_MAX && r->seq != 0;
+    return r->len <= SPOOL_RECORD_MAX && r->seq != 0 && r->seq < SEQ_LIMIT;
 }
 
 /* Is there a whole, valid record at off that follows last_seq? Leaves
  * its payload in sp->buf. -1 on a read error. */
-static int rec_valid_at(spool *sp, seg_walk *w, uint64_t off,
-                        rec_header *r) {
+static int rec_valid_at(spool *sp, seg_walk *w, uint64_t off, rec_header *r) {
     uint8_t h[REC_HEADER];
     if (w->end - off < REC_HEADER) return 0;
     ssize_t got = read_at(w->fd, h, REC_HEADER, off);
     if (got < 0) return -1;
     if (got < (ssize_t)REC_HEADER || !rec_decode(h, r)) return 0;
-    if (r->len > w->end - off - REC_HEADER || r->seq <= w->last_seq)
-        return 0;
+    if (r->len > w->end - off - REC_HEADER || r->seq <= w->last_seq) return 0;
 
     if (buf_reserve(sp, r->len ? r->len : 1) != 0) return -1;
     got = read_at(w->fd, sp->buf, r->len, off + REC_HEADER);
@@ -398,8 +401,8 @@ static int64_t resync(spool *sp, seg_walk *w, uint64_t from) {
         if (got < 4) break;
 
         for (size_t i = 0; i + 4 <= (size_t)got; i++) {
-            const uint8_t *m = memchr(chunk + i, REC_MARKER[0],
-                                      (size_t)got - 3 - i);
+            const uint8_t *m =
+                memchr(chunk + i, REC_MARKER[0], (size_t)got - 3 - i);
             if (!m) break;
             i = (size_t)(m - chunk);
             if (memcmp(m, REC_MARKER, 4) != 0) continue;
@@ -416,8 +419,10 @@ static int64_t resync(spool *sp, seg_walk *w, uint64_t from) {
 static void note_damage(spool *sp, seg_walk *w, bool torn) {
     w->damaged = true;
     if (w->quiet) return;
-    if (torn) sp->st.torn_tails++;
-    else sp->st.corrupt_records++;
+    if (torn)
+        sp->st.torn_tails++;
+    else
+        sp->st.corrupt_records++;
 }
 
 /* The next good record of a walk: 1 with *r filled and its payload in
@@ -436,8 +441,10 @@ static int walk_next(spool *sp, seg_walk *w, rec_header *r) {
         if (left < REC_HEADER) {
             note_damage(sp, w, true);
             if (!w->quiet)
-                report(sp, name, w->off, "torn tail: the segment ends %"
-                       PRIu64 " bytes into a record header", left);
+                report(sp, name, w->off,
+                       "torn tail: the segment ends %" PRIu64
+                       " bytes into a record header",
+                       left);
             w->off = w->end;
             break;
         }
@@ -453,16 +460,17 @@ static int walk_next(spool *sp, seg_walk *w, rec_header *r) {
             if (r->len > left - REC_HEADER) {
                 note_damage(sp, w, true);
                 if (!w->quiet)
-                    report(sp, name, w->off, "torn tail: record %" PRIu64
-                           " declares %" PRIu32 " payload bytes, only %"
-                           PRIu64 " follow", r->seq, r->len,
-                           left - REC_HEADER);
+                    report(sp, name, w->off,
+                           "torn tail: record %" PRIu64 " declares %" PRIu32
+                           " payload bytes, only %" PRIu64 " follow",
+                           r->seq, r->len, left - REC_HEADER);
                 w->off = w->end;
                 break;
             }
             if (buf_reserve(sp, r->len ? r->len : 1) != 0) {
-                SP_ERR(sp, "out of memory reading a %" PRIu32
-                       "-byte spool record", r->len);
+                SP_ERR(sp,
+                       "out of memory reading a %" PRIu32 "-byte spool record",
+                       r->len);
                 return -1;
             }
             got = read_at(w->fd, sp->buf, r->len, w->off + REC_HEADER);
@@ -472,12 +480,13 @@ static int walk_next(spool *sp, seg_walk *w, rec_header *r) {
                 continue;
             }
             w->last_seq = r->seq;
-            if (spool_crc32c(0, sp->buf, r->len) == r->payload_crc)
-                return 1;
+            if (spool_crc32c(0, sp->buf, r->len) == r->payload_crc) return 1;
             note_damage(sp, w, false);
             if (!w->quiet)
-                report(sp, name, w->off, "record %" PRIu64 ": payload "
-                       "checksum mismatch; record skipped", r->seq);
+                report(sp, name, w->off,
+                       "record %" PRIu64 ": payload "
+                       "checksum mismatch; record skipped",
+                       r->seq);
             w->off += REC_HEADER + r->len;
             continue;
         }
@@ -487,15 +496,18 @@ static int walk_next(spool *sp, seg_walk *w, rec_header *r) {
         note_damage(sp, w, false);
         if (!w->quiet) {
             if ((uint64_t)next < w->end)
-                report(sp, name, w->off, "bad record header (marker, "
-                       "checksum or sequence); skipped %"
-                       PRIu64 " bytes to the next valid record",
+                report(sp, name, w->off,
+                       "bad record header (marker, "
+                       "checksum or sequence); skipped %" PRIu64
+                       " bytes to the next valid record",
                        (uint64_t)next - w->off);
             else
-                report(sp, name, w->off, "bad record header (marker, "
+                report(sp, name, w->off,
+                       "bad record header (marker, "
                        "checksum or sequence); no valid "
                        "record follows in this segment (%" PRIu64
-                       " bytes lost)", w->end - w->off);
+                       " bytes lost)",
+                       w->end - w->off);
         }
         w->off = (uint64_t)next;
     }
@@ -552,9 +564,10 @@ static void segs_retire_head(spool *sp) {
     if (s->damaged)
         quarantine(sp, name, "segment held damaged records");
     else if (unlinkat(sp->dir_fd, name, 0) != 0 && errno != ENOENT)
-        log_msg(NLOG_WARN, "Spool", "cannot delete delivered segment "
-                "%s/%s: %s; delete it by hand", sp->dir, name,
-                strerror(errno));
+        log_msg(NLOG_WARN, "Spool",
+                "cannot delete delivered segment "
+                "%s/%s: %s; delete it by hand",
+                sp->dir, name, strerror(errno));
 
     sp->st.disk_bytes -= s->size;
     sp->st.pending_records -= s->pend_records;
@@ -591,17 +604,16 @@ static int seg_create(spool *sp) {
     put64(h + 16, sp->st.next_seq);
     put32(h + 28, spool_crc32c(0, h, 28));
 
-    int fd = openat(sp->dir_fd, tmp, O_WRONLY | O_CREAT | O_TRUNC |
-                    O_CLOEXEC, 0600);
+    int fd =
+        openat(sp->dir_fd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) goto fail;
-    if (write_at(fd, h, SEG_HEADER, NULL, 0, 0) != 0 ||
-        sync_file(sp, fd) != 0)
+    if (write_at(fd, h, SEG_HEADER, NULL, 0, 0) != 0 || sync_file(sp, fd) != 0)
         goto fail_fd;
     if (renameat(sp->dir_fd, tmp, sp->dir_fd, name) != 0) goto fail_fd;
     sync_dir(sp);
 
-    seg_info s = {.number = number, .size = SEG_HEADER,
-                  .walked_to = SEG_HEADER};
+    seg_info s = {
+        .number = number, .size = SEG_HEADER, .walked_to = SEG_HEADER};
     if (segs_push(sp, &s) != 0) {
         close(fd);
         unlinkat(sp->dir_fd, name, 0);
@@ -617,8 +629,10 @@ fail_fd:
     close(fd);
     unlinkat(sp->dir_fd, tmp, 0);
 fail:
-    SP_ERR(sp, "cannot create spool segment %s/%s: %s; check free space "
-           "and permissions there", sp->dir, name, strerror(errno));
+    SP_ERR(sp,
+           "cannot create spool segment %s/%s: %s; check free space "
+           "and permissions there",
+           sp->dir, name, strerror(errno));
     return -1;
 }
 
@@ -631,11 +645,10 @@ static int cursor_write(spool *sp, uint64_t acked) {
     put64(c + 16, acked);
     put32(c + 28, spool_crc32c(0, c, 28));
 
-    int fd = openat(sp->dir_fd, CURSOR_TMP, O_WRONLY | O_CREAT | O_TRUNC |
-                    O_CLOEXEC, 0600);
+    int fd = openat(sp->dir_fd, CURSOR_TMP,
+                    O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) goto fail;
-    if (write_at(fd, c, CUR_SIZE, NULL, 0, 0) != 0 ||
-        sync_file(sp, fd) != 0) {
+    if (write_at(fd, c, CUR_SIZE, NULL, 0, 0) != 0 || sync_file(sp, fd) != 0) {
         close(fd);
         goto fail;
     }
@@ -646,8 +659,10 @@ static int cursor_write(spool *sp, uint64_t acked) {
     return 0;
 
 fail:
-    SP_ERR(sp, "cannot write spool cursor %s/" CURSOR_NAME ": %s; the "
-           "record stays pending", sp->dir, strerror(errno));
+    SP_ERR(sp,
+           "cannot write spool cursor %s/" CURSOR_NAME ": %s; the "
+           "record stays pending",
+           sp->dir, strerror(errno));
     unlinkat(sp->dir_fd, CURSOR_TMP, 0);
     return -1;
 }
@@ -659,25 +674,34 @@ static int cursor_read(spool *sp, char *err, size_t err_size) {
     int fd = openat(sp->dir_fd, CURSOR_NAME, O_RDONLY | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT) return 0;
     if (fd < 0) {
-        set_err(err, err_size, "cannot open spool cursor %s/" CURSOR_NAME
-                ": %s", sp->dir, strerror(errno));
+        set_err(err, err_size,
+                "cannot open spool cursor %s/" CURSOR_NAME ": %s", sp->dir,
+                strerror(errno));
         return -1;
     }
     ssize_t got = read_at(fd, c, sizeof(c), 0);
     close(fd);
     if (got < 0) {
-        set_err(err, err_size, "cannot read spool cursor %s/" CURSOR_NAME
-                ": %s", sp->dir, strerror(errno));
+        set_err(err, err_size,
+                "cannot read spool cursor %s/" CURSOR_NAME ": %s", sp->dir,
+                strerror(errno));
         return -1;
     }
     if (got != CUR_SIZE || memcmp(c, CUR_MAGIC, 8) != 0 ||
         get32(c + 8) != CUR_VERSION ||
         spool_crc32c(0, c, 28) != get32(c + 28)) {
-        quarantine(sp, CURSOR_NAME, "damaged cursor; every record on disk "
+        quarantine(sp, CURSOR_NAME,
+                   "damaged cursor; every record on disk "
                    "will be replayed");
         return 0;
     }
     sp->st.acked_seq = get64(c + 16);
+    if (sp->st.acked_seq >= SEQ_LIMIT) {
+        sp->st.acked_seq = 0;
+        quarantine(sp, CURSOR_NAME,
+                   "cursor holds an impossible sequence "
+                   "number; every record on disk will be replayed");
+    }
     return 0;
 }
 
@@ -687,40 +711,50 @@ static int check_dir(const char *dir, char *err, size_t err_size) {
     struct stat st;
     if (stat(dir, &st) != 0) {
         if (errno == ENOENT)
-            set_err(err, err_size, "spool directory %s does not exist: "
+            set_err(err, err_size,
+                    "spool directory %s does not exist: "
                     "create it (mkdir -p %s) or set NETRA_SPOOL_DIR to a "
-                    "directory netra can write", dir, dir);
+                    "directory netra can write",
+                    dir, dir);
         else if (errno == EACCES)
-            set_err(err, err_size, "spool directory %s cannot be reached by this user "
+            set_err(err, err_size,
+                    "spool directory %s cannot be reached by this user "
                     "(uid %d): fix the permissions of its parent "
-                    "directories", dir, (int)geteuid());
+                    "directories",
+                    dir, (int)geteuid());
         else
-            set_err(err, err_size, "cannot reach spool directory %s: %s; "
+            set_err(err, err_size,
+                    "cannot reach spool directory %s: %s; "
                     "set NETRA_SPOOL_DIR to a directory netra can write",
                     dir, strerror(errno));
         return SPOOL_EIO;
     }
     if (!S_ISDIR(st.st_mode)) {
-        set_err(err, err_size, "spool directory %s is not a directory: "
-                "set NETRA_SPOOL_DIR to a directory", dir);
+        set_err(err, err_size,
+                "spool directory %s is not a directory: "
+                "set NETRA_SPOOL_DIR to a directory",
+                dir);
         return SPOOL_EIO;
     }
     if (access(dir, W_OK | X_OK) != 0) {
-        set_err(err, err_size, "spool directory %s is not writable by "
+        set_err(err, err_size,
+                "spool directory %s is not writable by "
                 "this user (uid %d): fix its permissions or set "
-                "NETRA_SPOOL_DIR elsewhere", dir, (int)geteuid());
+                "NETRA_SPOOL_DIR elsewhere",
+                dir, (int)geteuid());
         return SPOOL_EIO;
     }
     return SPOOL_OK;
 }
 
 static int take_lock(spool *sp, char *err, size_t err_size) {
-    sp->lock_fd = openat(sp->dir_fd, LOCK_NAME, O_RDWR | O_CREAT | O_CLOEXEC,
-                         0644);
+    sp->lock_fd =
+        openat(sp->dir_fd, LOCK_NAME, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (sp->lock_fd < 0) {
-        set_err(err, err_size, "cannot open spool lock %s/" LOCK_NAME
-                ": %s; fix the directory's permissions", sp->dir,
-                strerror(errno));
+        set_err(err, err_size,
+                "cannot open spool lock %s/" LOCK_NAME
+                ": %s; fix the directory's permissions",
+                sp->dir, strerror(errno));
         return SPOOL_EIO;
     }
 
@@ -731,11 +765,12 @@ static int take_lock(spool *sp, char *err, size_t err_size) {
         pid[n > 0 ? n : 0] = '\0';
         pid[strcspn(pid, "\n")] = '\0';
         if (e == EWOULDBLOCK) {
-            set_err(err, err_size, "spool directory %s is in use by "
+            set_err(err, err_size,
+                    "spool directory %s is in use by "
                     "another process (pid %s, per %s/" LOCK_NAME "): stop "
                     "that netra instance or give this one its own "
-                    "NETRA_SPOOL_DIR", sp->dir, pid[0] ? pid : "unknown",
-                    sp->dir);
+                    "NETRA_SPOOL_DIR",
+                    sp->dir, pid[0] ? pid : "unknown", sp->dir);
             return SPOOL_ELOCKED;
         }
         set_err(err, err_size, "cannot lock %s/" LOCK_NAME ": %s", sp->dir,
@@ -760,14 +795,14 @@ static int cmp_u64(const void *a, const void *b) {
 }
 
 /* Lists the segment numbers, oldest first, removing *.tmp leftovers. */
-static int list_segments(spool *sp, uint64_t **out, size_t *count,
-                         char *err, size_t err_size) {
+static int list_segments(spool *sp, uint64_t **out, size_t *count, char *err,
+                         size_t err_size) {
     int fd = dup(sp->dir_fd);
     DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
     if (!d) {
         if (fd >= 0) close(fd);
-        set_err(err, err_size, "cannot list spool directory %s: %s",
-                sp->dir, strerror(errno));
+        set_err(err, err_size, "cannot list spool directory %s: %s", sp->dir,
+                strerror(errno));
         return SPOOL_EIO;
     }
 
@@ -811,8 +846,8 @@ static int scan_segment(spool *sp, uint64_t number, char *err,
     int fd = openat(sp->dir_fd, name, O_RDONLY | O_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0) {
-        set_err(err, err_size, "cannot open spool segment %s/%s: %s",
-                sp->dir, name, strerror(errno));
+        set_err(err, err_size, "cannot open spool segment %s/%s: %s", sp->dir,
+                name, strerror(errno));
         if (fd >= 0) close(fd);
         return SPOOL_EIO;
     }
@@ -820,13 +855,18 @@ static int scan_segment(spool *sp, uint64_t number, char *err,
     uint8_t h[SEG_HEADER];
     ssize_t got = read_at(fd, h, SEG_HEADER, 0);
     const char *bad = NULL;
-    if (got < 0) bad = "unreadable segment header";
-    else if (got < (ssize_t)SEG_HEADER) bad = "segment shorter than its header";
-    else if (memcmp(h, SEG_MAGIC, 8) != 0) bad = "bad segment magic";
+    if (got < 0)
+        bad = "unreadable segment header";
+    else if (got < (ssize_t)SEG_HEADER)
+        bad = "segment shorter than its header";
+    else if (memcmp(h, SEG_MAGIC, 8) != 0)
+        bad = "bad segment magic";
     else if (spool_crc32c(0, h, 28) != get32(h + 28))
         bad = "segment header checksum mismatch";
     else if (get32(h + 8) != SEG_VERSION || get32(h + 12) != SEG_HEADER)
         bad = "unsupported segment format version (this netra reads 1)";
+    else if (get64(h + 16) >= SEQ_LIMIT)
+        bad = "segment header holds an impossible sequence number";
     if (bad) {
         close(fd);
         quarantine(sp, name, bad);
@@ -836,10 +876,10 @@ static int scan_segment(spool *sp, uint64_t number, char *err,
     uint64_t base = get64(h + 16);
     if (base > sp->st.next_seq) sp->st.next_seq = base;
 
-    seg_info s = {.number = number, .size = (uint64_t)st.st_size,
+    seg_info s = {.number = number,
+                  .size = (uint64_t)st.st_size,
                   .walked_to = (uint64_t)st.st_size};
-    seg_walk w = {.fd = fd, .number = number, .end = s.size,
-                  .off = SEG_HEADER};
+    seg_walk w = {.fd = fd, .number = number, .end = s.size, .off = SEG_HEADER};
     rec_header r;
     int rc;
     while ((rc = walk_next(sp, &w, &r)) == 1) {
@@ -891,7 +931,8 @@ int spool_open(const spool_options *opt, spool **out, char *err,
                size_t err_size) {
     *out = NULL;
     if (!opt || !opt->dir || !opt->dir[0]) {
-        set_err(err, err_size, "spool_open: no directory given; set "
+        set_err(err, err_size,
+                "spool_open: no directory given; set "
                 "NETRA_SPOOL_DIR");
         return SPOOL_EINVAL;
     }
@@ -906,10 +947,9 @@ int spool_open(const spool_options *opt, spool **out, char *err,
     }
     sp->lock_fd = sp->wfd = sp->rd.fd = -1;
     sp->rd.off = sp->head_off = SEG_HEADER;
-    sp->max_bytes = opt->max_bytes ? opt->max_bytes
-                                   : SPOOL_DEFAULT_MAX_BYTES;
-    sp->segment_bytes = opt->segment_bytes ? opt->segment_bytes
-                                           : SPOOL_DEFAULT_SEGMENT_BYTES;
+    sp->max_bytes = opt->max_bytes ? opt->max_bytes : SPOOL_DEFAULT_MAX_BYTES;
+    sp->segment_bytes =
+        opt->segment_bytes ? opt->segment_bytes : SPOOL_DEFAULT_SEGMENT_BYTES;
     if (sp->segment_bytes < MIN_SEGMENT_BYTES)
         sp->segment_bytes = MIN_SEGMENT_BYTES;
     sp->sync_every = opt->sync_every == 0 ? 1 : opt->sync_every;
@@ -919,8 +959,8 @@ int spool_open(const spool_options *opt, spool **out, char *err,
 
     sp->dir_fd = open(sp->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (sp->dir_fd < 0) {
-        set_err(err, err_size, "cannot open spool directory %s: %s",
-                sp->dir, strerror(errno));
+        set_err(err, err_size, "cannot open spool directory %s: %s", sp->dir,
+                strerror(errno));
         rc = SPOOL_EIO;
     } else {
         rc = take_lock(sp, err, err_size);
@@ -937,8 +977,10 @@ int spool_open(const spool_options *opt, spool **out, char *err,
 void spool_close(spool *sp) {
     if (!sp) return;
     if (close_writer(sp) != 0)
-        log_msg(NLOG_WARN, "Spool", "syncing the last segment in %s failed "
-                "on close: %s", sp->dir, strerror(errno));
+        log_msg(NLOG_WARN, "Spool",
+                "syncing the last segment in %s failed "
+                "on close: %s",
+                sp->dir, strerror(errno));
     close_reader(sp);
     if (sp->lock_fd >= 0) close(sp->lock_fd); /* releases the flock */
     if (sp->dir_fd >= 0) close(sp->dir_fd);
@@ -967,8 +1009,10 @@ int spool_append(spool *sp, uint16_t kind, const void *data, size_t len,
                  uint32_t count, uint64_t *seq) {
     if (!sp || (len && !data)) return SPOOL_EINVAL;
     if (len > SPOOL_RECORD_MAX) {
-        SP_ERR(sp, "spool record of %zu bytes is over the %u-byte limit; "
-               "send smaller batches", len, SPOOL_RECORD_MAX);
+        SP_ERR(sp,
+               "spool record of %zu bytes is over the %u-byte limit; "
+               "send smaller batches",
+               len, SPOOL_RECORD_MAX);
         return SPOOL_ETOOBIG;
     }
 
@@ -980,10 +1024,11 @@ int spool_append(spool *sp, uint16_t kind, const void *data, size_t len,
     if (sp->st.disk_bytes + need > sp->max_bytes) {
         sp->st.refused_records++;
         sp->st.refused_count += count;
-        SP_ERR(sp, "spool %s is full (%" PRIu64 " of %" PRIu64 " bytes); "
+        SP_ERR(sp,
+               "spool %s is full (%" PRIu64 " of %" PRIu64 " bytes); "
                "batch of %" PRIu32 " refused; raise NETRA_SPOOL_MAX_BYTES "
-               "or bring ClickHouse back", sp->dir, sp->st.disk_bytes,
-               sp->max_bytes, count);
+               "or bring ClickHouse back",
+               sp->dir, sp->st.disk_bytes, sp->max_bytes, count);
         return SPOOL_FULL;
     }
 
@@ -997,16 +1042,20 @@ int spool_append(spool *sp, uint16_t kind, const void *data, size_t len,
         cur = &sp->segs[sp->nsegs - 1];
     }
 
-    rec_header r = {.len = (uint32_t)len, .seq = sp->st.next_seq,
-                    .kind = kind, .count = count,
+    rec_header r = {.len = (uint32_t)len,
+                    .seq = sp->st.next_seq,
+                    .kind = kind,
+                    .count = count,
                     .payload_crc = spool_crc32c(0, data, len)};
     uint8_t h[REC_HEADER];
     rec_encode(h, &r);
     bool sync = sp->sync_every > 0 && sp->unsynced + 1 >= sp->sync_every;
     if (write_at(sp->wfd, h, REC_HEADER, data, len, cur->size) != 0 ||
         (sync && fdatasync(sp->wfd) != 0)) {
-        SP_ERR(sp, "cannot write to spool segment in %s: %s; check free "
-               "space", sp->dir, strerror(errno));
+        SP_ERR(sp,
+               "cannot write to spool segment in %s: %s; check free "
+               "space",
+               sp->dir, strerror(errno));
         append_rollback(sp, cur->size);
         return SPOOL_EIO;
     }
@@ -1065,8 +1114,8 @@ static int out_push(spool *sp, const handed *h) {
 static void reader_rewind(spool *sp) {
     close_reader(sp);
     sp->rd_idx = 0;
-    sp->rd = (seg_walk){.fd = -1, .off = sp->head_off,
-                        .last_seq = sp->head_last_seq};
+    sp->rd = (seg_walk){
+        .fd = -1, .off = sp->head_off, .last_seq = sp->head_last_seq};
     sp->out_start = sp->out_len = 0;
     sp->last_valid = false;
 }
@@ -1085,8 +1134,8 @@ static int reader_next(spool *sp, rec_header *r) {
             seg_name(name, sizeof(name), s->number, false);
             sp->rd.fd = openat(sp->dir_fd, name, O_RDONLY | O_CLOEXEC);
             if (sp->rd.fd < 0) {
-                SP_ERR(sp, "cannot open spool segment %s/%s: %s", sp->dir,
-                       name, strerror(errno));
+                SP_ERR(sp, "cannot open spool segment %s/%s: %s", sp->dir, name,
+                       strerror(errno));
                 return -1;
             }
             sp->rd.number = s->number;
@@ -1116,9 +1165,9 @@ static int reader_next(spool *sp, rec_header *r) {
  * that is being written goes too (the next append starts another). */
 static void retire_consumed(spool *sp) {
     handed *f = out_front(sp);
-    uint64_t keep = f ? f->number
-                      : sp->rd_idx < sp->nsegs ? sp->segs[sp->rd_idx].number
-                                               : UINT64_MAX;
+    uint64_t keep = f                        ? f->number
+                    : sp->rd_idx < sp->nsegs ? sp->segs[sp->rd_idx].number
+                                             : UINT64_MAX;
     while (sp->nsegs > 0 && sp->segs[0].number < keep)
         segs_retire_head(sp);
 
@@ -1139,9 +1188,8 @@ int spool_peek_next(spool *sp, uint64_t after, spool_record *out) {
     if (!sp || !out) return SPOOL_EINVAL;
     handed *f = out_front(sp);
     if (f && after < sp->last.seq) {
-        uint64_t prev = sp->out_len > 1
-                            ? sp->out[sp->out_start + sp->out_len - 2].seq
-                            : 0;
+        uint64_t prev =
+            sp->out_len > 1 ? sp->out[sp->out_start + sp->out_len - 2].seq : 0;
         if (sp->last_valid && after >= prev) {
             fill_record(sp, out); /* the newest one, asked again */
             return SPOOL_OK;
@@ -1160,8 +1208,11 @@ int spool_peek_next(spool *sp, uint64_t after, spool_record *out) {
             retire_consumed(sp);
             return SPOOL_EMPTY;
         }
-        handed h = {.seq = r.seq, .number = sp->segs[sp->rd_idx].number,
-                    .end = sp->rd.off, .len = r.len, .count = r.count};
+        handed h = {.seq = r.seq,
+                    .number = sp->segs[sp->rd_idx].number,
+                    .end = sp->rd.off,
+                    .len = r.len,
+                    .count = r.count};
         if (out_push(sp, &h) != 0) {
             reader_rewind(sp);
             SP_ERR(sp, "out of memory replaying the spool");
@@ -1184,10 +1235,11 @@ int spool_ack_through(spool *sp, uint64_t seq) {
     if (!sp) return SPOOL_EINVAL;
     if (seq <= sp->st.acked_seq) return SPOOL_OK;
     if (!out_front(sp) || seq > sp->last.seq) {
-        SP_ERR(sp, "spool_ack_through(%" PRIu64 "): that record was not "
+        SP_ERR(sp,
+               "spool_ack_through(%" PRIu64 "): that record was not "
                "handed out yet (the newest is %" PRIu64 "); call "
-               "spool_peek_next first", seq,
-               out_front(sp) ? sp->last.seq : 0);
+               "spool_peek_next first",
+               seq, out_front(sp) ? sp->last.seq : 0);
         return SPOOL_EINVAL;
     }
     if (cursor_write(sp, seq) != 0) return SPOOL_EIO;
@@ -1195,7 +1247,8 @@ int spool_ack_through(spool *sp, uint64_t seq) {
 
     handed *h;
     while ((h = out_front(sp)) != NULL && h->seq <= seq) {
-        while (sp->segs[0].number < h->number) segs_retire_head(sp);
+        while (sp->segs[0].number < h->number)
+            segs_retire_head(sp);
         seg_info *s = &sp->segs[0];
         uint64_t frame = REC_HEADER + h->len;
         s->pend_records--;
@@ -1221,11 +1274,15 @@ int spool_ack(spool *sp, uint64_t seq) {
     handed *f = out_front(sp);
     if (!f || seq != f->seq) {
         if (f)
-            SP_ERR(sp, "spool_ack(%" PRIu64 "): the oldest record handed "
-                   "out is %" PRIu64 "; acknowledge that one", seq, f->seq);
+            SP_ERR(sp,
+                   "spool_ack(%" PRIu64 "): the oldest record handed "
+                   "out is %" PRIu64 "; acknowledge that one",
+                   seq, f->seq);
         else
-            SP_ERR(sp, "spool_ack(%" PRIu64 "): no record is handed out; "
-                   "call spool_peek first", seq);
+            SP_ERR(sp,
+                   "spool_ack(%" PRIu64 "): no record is handed out; "
+                   "call spool_peek first",
+                   seq);
         return SPOOL_EINVAL;
     }
     return spool_ack_through(sp, seq);
@@ -1244,14 +1301,23 @@ const char *spool_error(const spool *sp) {
 
 const char *spool_result_name(int code) {
     switch (code) {
-    case SPOOL_OK: return "ok";
-    case SPOOL_EMPTY: return "empty";
-    case SPOOL_FULL: return "full";
-    case SPOOL_ELOCKED: return "locked";
-    case SPOOL_EIO: return "io error";
-    case SPOOL_EINVAL: return "invalid argument";
-    case SPOOL_ETOOBIG: return "record too big";
-    case SPOOL_ENOMEM: return "out of memory";
-    default: return "unknown";
+    case SPOOL_OK:
+        return "ok";
+    case SPOOL_EMPTY:
+        return "empty";
+    case SPOOL_FULL:
+        return "full";
+    case SPOOL_ELOCKED:
+        return "locked";
+    case SPOOL_EIO:
+        return "io error";
+    case SPOOL_EINVAL:
+        return "invalid argument";
+    case SPOOL_ETOOBIG:
+        return "record too big";
+    case SPOOL_ENOMEM:
+        return "out of memory";
+    default:
+        return "unknown";
     }
 }

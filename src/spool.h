@@ -48,18 +48,18 @@
 
 typedef enum {
     SPOOL_OK = 0,
-    SPOOL_EMPTY = 1,     /* spool_peek: nothing pending */
-    SPOOL_FULL = -1,     /* spool_append: the bound would be crossed */
-    SPOOL_ELOCKED = -2,  /* spool_open: another opener holds the lock */
-    SPOOL_EIO = -3,      /* a file operation failed; see the message */
-    SPOOL_EINVAL = -4,   /* a bad argument; see the message */
-    SPOOL_ETOOBIG = -5,  /* spool_append: record over SPOOL_RECORD_MAX */
+    SPOOL_EMPTY = 1,    /* spool_peek: nothing pending */
+    SPOOL_FULL = -1,    /* spool_append: the bound would be crossed */
+    SPOOL_ELOCKED = -2, /* spool_open: another opener holds the lock */
+    SPOOL_EIO = -3,     /* a file operation failed; see the message */
+    SPOOL_EINVAL = -4,  /* a bad argument; see the message */
+    SPOOL_ETOOBIG = -5, /* spool_append: record over SPOOL_RECORD_MAX */
     SPOOL_ENOMEM = -6,
 } spool_result;
 
-#define SPOOL_DEFAULT_MAX_BYTES (1024ull * 1024 * 1024) /* 1 GiB */
+#define SPOOL_DEFAULT_MAX_BYTES (1024ull * 1024 * 1024)  /* 1 GiB */
 #define SPOOL_DEFAULT_SEGMENT_BYTES (8ull * 1024 * 1024) /* 8 MiB */
-#define SPOOL_RECORD_MAX (64u * 1024 * 1024) /* payload bytes */
+#define SPOOL_RECORD_MAX (64u * 1024 * 1024)             /* payload bytes */
 
 /* Called for each damaged place found (on open, or later while
  * replaying): the file's path, the byte offset in it, and what is wrong.
@@ -83,9 +83,9 @@ typedef struct {
 /* One pending record as handed out by spool_peek. data points into the
  * spool and stays valid until the next call on that spool. */
 typedef struct {
-    uint64_t seq;  /* increases by one per accepted record, across
-                      segments and reopens */
-    uint16_t kind; /* the caller's table id, stored as given */
+    uint64_t seq;   /* increases by one per accepted record, across
+                       segments and reopens */
+    uint16_t kind;  /* the caller's table id, stored as given */
     uint32_t count; /* the caller's count (rows in the batch) */
     const void *data;
     size_t len;

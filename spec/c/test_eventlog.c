@@ -90,8 +90,10 @@ static void test_rotation(void **state) {
     evlog *ev = open_ok(dir, 1000, 3);
     char line[200];
     for (int i = 0; i < 100; i++) {
-        int n = snprintf(line, sizeof(line), "{\"n\":%d,\"event\":\"tool_"
-                         "call\",\"pad\":\"%040d\"}", i, i);
+        int n = snprintf(line, sizeof(line),
+                         "{\"n\":%d,\"event\":\"tool_"
+                         "call\",\"pad\":\"%040d\"}",
+                         i, i);
         assert_int_equal(evlog_append(ev, line, (size_t)n), EVLOG_OK);
     }
     evlog_stats st;
@@ -105,8 +107,10 @@ static void test_rotation(void **state) {
     assert_int_not_equal(access(path, F_OK), 0); /* only three kept */
     int first = -1, next = 0;
     for (int k = 3; k >= 0; k--) {
-        if (k) snprintf(path, sizeof(path), "%s/events.jsonl.%d", dir, k);
-        else snprintf(path, sizeof(path), "%s/events.jsonl", dir);
+        if (k)
+            snprintf(path, sizeof(path), "%s/events.jsonl.%d", dir, k);
+        else
+            snprintf(path, sizeof(path), "%s/events.jsonl", dir);
         struct stat sb;
         assert_int_equal(stat(path, &sb), 0);
         assert_true(sb.st_size <= 1000);
@@ -140,8 +144,8 @@ static void test_keep_none(void **state) {
     evlog *ev = open_ok(dir, 100, 0);
     char line[64];
     for (int i = 0; i < 10; i++) {
-        int n = snprintf(line, sizeof(line), "{\"n\":%d,\"p\":\"%030d\"}",
-                         i, 0);
+        int n =
+            snprintf(line, sizeof(line), "{\"n\":%d,\"p\":\"%030d\"}", i, 0);
         assert_int_equal(evlog_append(ev, line, (size_t)n), EVLOG_OK);
     }
     evlog_close(ev);
@@ -159,8 +163,13 @@ static void test_line_validity(void **state) {
     make_dir(dir, sizeof(dir));
     evlog *ev = open_ok(dir, 0, 2);
     const char *bad[] = {
-        "{\"a\":1}\n{\"b\":2}", "{\"a\":\"x\ry\"}", "not json", "[1,2]",
-        "{", "", "   ",
+        "{\"a\":1}\n{\"b\":2}",
+        "{\"a\":\"x\ry\"}",
+        "not json",
+        "[1,2]",
+        "{",
+        "",
+        "   ",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(*bad); i++)
         assert_int_equal(evlog_append(ev, bad[i], strlen(bad[i])),
@@ -208,8 +217,7 @@ static void test_lock(void **state) {
     evlog *ev = open_ok(dir, 0, 1);
     evlog_options o = {.dir = dir};
     evlog *second = NULL;
-    assert_int_equal(evlog_open(&o, &second, err, sizeof(err)),
-                     EVLOG_ELOCKED);
+    assert_int_equal(evlog_open(&o, &second, err, sizeof(err)), EVLOG_ELOCKED);
     assert_null(second);
     snprintf(pid, sizeof(pid), "pid %d", (int)getpid());
     assert_non_null(strstr(err, pid));

@@ -56,10 +56,12 @@ static void remove_dir(const char *dir) {
     nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static spool *open_sync(const char *dir, uint64_t seg_bytes,
-                        uint64_t max_bytes, int sync_every) {
-    spool_options o = {.dir = dir, .segment_bytes = seg_bytes,
-                       .max_bytes = max_bytes, .sync_every = sync_every,
+static spool *open_sync(const char *dir, uint64_t seg_bytes, uint64_t max_bytes,
+                        int sync_every) {
+    spool_options o = {.dir = dir,
+                       .segment_bytes = seg_bytes,
+                       .max_bytes = max_bytes,
+                       .sync_every = sync_every,
                        .report = on_report};
     spool *sp = NULL;
     char err[512];
@@ -68,8 +70,7 @@ static spool *open_sync(const char *dir, uint64_t seg_bytes,
     return sp;
 }
 
-static spool *open_ok(const char *dir, uint64_t seg_bytes,
-                      uint64_t max_bytes) {
+static spool *open_ok(const char *dir, uint64_t seg_bytes, uint64_t max_bytes) {
     return open_sync(dir, seg_bytes, max_bytes, 0);
 }
 
@@ -77,7 +78,8 @@ static spool *open_ok(const char *dir, uint64_t seg_bytes,
  * follow from seq, so a replayed record can be checked alone. */
 static size_t payload(uint64_t seq, uint8_t *buf) {
     size_t len = (size_t)((seq * 7919) % 3000);
-    for (size_t i = 0; i < len; i++) buf[i] = (uint8_t)(seq * 31 + i);
+    for (size_t i = 0; i < len; i++)
+        buf[i] = (uint8_t)(seq * 31 + i);
     return len;
 }
 
@@ -129,8 +131,8 @@ static int list_segs(const char *dir, char out[][300], int max) {
     for (int i = 0; i < n; i++) {
         const char *nm = ents[i]->d_name;
         size_t l = strlen(nm);
-        if (!strncmp(nm, "seg-", 4) && l > 6 &&
-            !strcmp(nm + l - 6, ".spool") && k < max)
+        if (!strncmp(nm, "seg-", 4) && l > 6 && !strcmp(nm + l - 6, ".spool") &&
+            k < max)
             snprintf(out[k++], 300, "%s/%s", dir, nm);
         free(ents[i]);
     }
@@ -218,7 +220,8 @@ static void test_order_across_rolls(void **state) {
 
     uint64_t seen[300];
     assert_int_equal(drain(sp, seen, 300), 300);
-    for (int i = 0; i < 300; i++) assert_int_equal(seen[i], (uint64_t)i + 1);
+    for (int i = 0; i < 300; i++)
+        assert_int_equal(seen[i], (uint64_t)i + 1);
 
     spool_get_stats(sp, &st);
     assert_int_equal(st.pending_records, 0);
@@ -239,7 +242,8 @@ static void test_reopen_resumes(void **state) {
     char dir[512];
     make_dir(dir, sizeof(dir));
     spool *sp = open_ok(dir, 16384, 0);
-    for (int i = 0; i < 50; i++) append_one(sp);
+    for (int i = 0; i < 50; i++)
+        append_one(sp);
     spool_record r;
     for (int i = 0; i < 20; i++) {
         assert_int_equal(spool_peek(sp, &r), SPOOL_OK);
@@ -282,7 +286,8 @@ static void test_read_ahead(void **state) {
     char dir[512];
     make_dir(dir, sizeof(dir));
     spool *sp = open_ok(dir, 8192, 0);
-    for (int i = 0; i < 100; i++) append_one(sp);
+    for (int i = 0; i < 100; i++)
+        append_one(sp);
 
     spool_record r;
     uint64_t last = 0;
@@ -358,8 +363,9 @@ static void test_ack_rules(void **state) {
     assert_int_equal(spool_ack(sp, 1), SPOOL_OK);
 
     uint8_t one = 0;
-    assert_int_equal(spool_append(sp, 1, &one, (size_t)SPOOL_RECORD_MAX + 1,
-                                  1, NULL), SPOOL_ETOOBIG);
+    assert_int_equal(
+        spool_append(sp, 1, &one, (size_t)SPOOL_RECORD_MAX + 1, 1, NULL),
+        SPOOL_ETOOBIG);
     assert_int_equal(spool_append(sp, 7, NULL, 0, 0, NULL), SPOOL_OK);
     assert_int_equal(spool_peek(sp, &r), SPOOL_OK);
     assert_int_equal(r.seq, 2);
@@ -383,8 +389,7 @@ static void test_bound(void **state) {
     static uint8_t buf[1000];
     int accepted = 0, rc;
     uint64_t seq;
-    while ((rc = spool_append(sp, 2, buf, sizeof(buf), 10, &seq)) ==
-           SPOOL_OK)
+    while ((rc = spool_append(sp, 2, buf, sizeof(buf), 10, &seq)) == SPOOL_OK)
         accepted++;
     assert_int_equal(rc, SPOOL_FULL);
     assert_non_null(strstr(spool_error(sp), "full"));
@@ -456,8 +461,7 @@ static void test_lock(void **state) {
 
     assert_int_equal(spool_open(&o, &sp, err, sizeof(err)), SPOOL_OK);
     spool *second = NULL; /* a second opener in this process too */
-    assert_int_equal(spool_open(&o, &second, err, sizeof(err)),
-                     SPOOL_ELOCKED);
+    assert_int_equal(spool_open(&o, &second, err, sizeof(err)), SPOOL_ELOCKED);
     snprintf(pid, sizeof(pid), "pid %d", (int)getpid());
     assert_non_null(strstr(err, pid));
     spool_close(sp);
@@ -493,10 +497,12 @@ static void test_open_errors(void **state) {
 /* Five records, then a reopen (new segment) and five more. */
 static void two_segments(const char *dir) {
     spool *sp = open_ok(dir, 0, 0);
-    for (int i = 0; i < 5; i++) append_one(sp);
+    for (int i = 0; i < 5; i++)
+        append_one(sp);
     spool_close(sp);
     sp = open_ok(dir, 0, 0);
-    for (int i = 0; i < 5; i++) append_one(sp);
+    for (int i = 0; i < 5; i++)
+        append_one(sp);
     spool_close(sp);
 }
 
@@ -523,9 +529,11 @@ static void test_corrupt_payload(void **state) {
     uint64_t seen[16];
     assert_int_equal(drain(sp, seen, 16), 9);
     uint64_t want[] = {1, 2, 4, 5, 6, 7, 8, 9, 10};
-    for (int i = 0; i < 9; i++) assert_int_equal(seen[i], want[i]);
-    assert_int_equal(strstr(strstr(reports, "payload checksum") + 1,
-                            "payload checksum"), NULL); /* only once */
+    for (int i = 0; i < 9; i++)
+        assert_int_equal(seen[i], want[i]);
+    assert_int_equal(
+        strstr(strstr(reports, "payload checksum") + 1, "payload checksum"),
+        NULL); /* only once */
     assert_non_null(strstr(reports, "renamed to"));
     assert_int_equal(count_suffix(dir, ".corrupt"), 1); /* kept to see */
     spool_close(sp);
@@ -551,7 +559,8 @@ static void test_corrupt_record_header(void **state) {
     uint64_t seen[16];
     assert_int_equal(drain(sp, seen, 16), 9); /* 3..5 found again */
     uint64_t want[] = {1, 3, 4, 5, 6, 7, 8, 9, 10};
-    for (int i = 0; i < 9; i++) assert_int_equal(seen[i], want[i]);
+    for (int i = 0; i < 9; i++)
+        assert_int_equal(seen[i], want[i]);
     spool_close(sp);
     remove_dir(dir);
 }
@@ -577,7 +586,8 @@ static void test_torn_tail(void **state) {
     uint64_t seen[16];
     assert_int_equal(drain(sp, seen, 16), 9);
     uint64_t want[] = {1, 2, 3, 4, 6, 7, 8, 9, 10};
-    for (int i = 0; i < 9; i++) assert_int_equal(seen[i], want[i]);
+    for (int i = 0; i < 9; i++)
+        assert_int_equal(seen[i], want[i]);
     spool_close(sp);
 
     /* A tail cut inside a record header, in the last segment. */
@@ -630,7 +640,8 @@ static void test_corrupt_segment_header(void **state) {
     assert_int_equal(pread(fd, h, 32, 0), 32);
     h[8] = 2;
     uint32_t c = spool_crc32c(0, h, 28);
-    for (int i = 0; i < 4; i++) h[28 + i] = (uint8_t)(c >> (8 * i));
+    for (int i = 0; i < 4; i++)
+        h[28 + i] = (uint8_t)(c >> (8 * i));
     assert_int_equal(pwrite(fd, h, 32, 0), 32);
     close(fd);
     sp = open_ok(dir, 0, 0);
@@ -646,7 +657,8 @@ static void test_damaged_cursor(void **state) {
     char dir[512], path[600];
     make_dir(dir, sizeof(dir));
     spool *sp = open_ok(dir, 0, 0);
-    for (int i = 0; i < 4; i++) append_one(sp);
+    for (int i = 0; i < 4; i++)
+        append_one(sp);
     spool_record r;
     assert_int_equal(spool_peek(sp, &r), SPOOL_OK);
     assert_int_equal(spool_ack(sp, r.seq), SPOOL_OK);
@@ -669,8 +681,10 @@ static void test_damaged_cursor(void **state) {
 #define ACK_INTENT (1ull << 62)
 
 static void crash_child(const char *dir, int out, bool sync) {
-    spool_options o = {.dir = dir, .segment_bytes = 16384,
-                       .max_bytes = 256ull << 20, .sync_every = sync ? 1 : -1};
+    spool_options o = {.dir = dir,
+                       .segment_bytes = 16384,
+                       .max_bytes = 256ull << 20,
+                       .sync_every = sync ? 1 : -1};
     spool *sp = NULL;
     if (spool_open(&o, &sp, NULL, 0) != SPOOL_OK) _exit(2);
     static uint8_t buf[4096];
@@ -686,8 +700,8 @@ static void crash_child(const char *dir, int out, bool sync) {
         spool_record r;
         uint64_t last = 0;
         if (i % 7 != 6) continue;
-        for (int k = 0; k < 1 + i % 5 && spool_peek_next(sp, last, &r) ==
-                                              SPOOL_OK; k++)
+        for (int k = 0;
+             k < 1 + i % 5 && spool_peek_next(sp, last, &r) == SPOOL_OK; k++)
             last = r.seq; /* a batch of up to five */
         if (!last) continue;
         uint64_t a = last | ACK_INTENT; /* may be gone from here on */
@@ -709,8 +723,8 @@ static void copy_dir(const char *from, const char *to) {
         snprintf(b, sizeof(b), "%s/%s", to, ents[i]->d_name);
         struct stat st;
         if (stat(a, &st) == 0 && S_ISREG(st.st_mode)) {
-            int in = open(a, O_RDONLY), o = open(b, O_WRONLY | O_CREAT |
-                                                 O_TRUNC, 0600);
+            int in = open(a, O_RDONLY),
+                o = open(b, O_WRONLY | O_CREAT | O_TRUNC, 0600);
             ssize_t k;
             while ((k = read(in, buf, sizeof(buf))) > 0)
                 assert_int_equal(write(o, buf, (size_t)k), k);
@@ -792,15 +806,16 @@ static void test_crash_safety(void **state) {
         for (uint64_t s = maybe_acked + 1; s <= max_seq; s++)
             if (appended[s] && !seen[s])
                 fail_msg("round %d: accepted record %llu was lost (copy "
-                         "%s, ack %llu)", round, (unsigned long long)s,
-                         copy, (unsigned long long)acked);
+                         "%s, ack %llu)",
+                         round, (unsigned long long)s, copy,
+                         (unsigned long long)acked);
         remove_dir(copy);
     }
     assert_true(max_seq > 20); /* the children did get to work */
     print_message("crash rounds: %d, records accepted: %llu, last ack "
-                  "%llu, torn tails seen on replays: %llu\n", CRASH_ROUNDS,
-                  (unsigned long long)max_seq, (unsigned long long)acked,
-                  (unsigned long long)torn);
+                  "%llu, torn tails seen on replays: %llu\n",
+                  CRASH_ROUNDS, (unsigned long long)max_seq,
+                  (unsigned long long)acked, (unsigned long long)torn);
     remove_dir(dir);
 }
 
