@@ -26,6 +26,7 @@ typedef struct breq {
     disp *d;
     bool is_run;
     bool answered;    /* the response went out: events may follow */
+    bool finished;    /* done came before the response went out */
     char *raw_id;     /* the JSON-RPC id as sent */
     char run_id[CTX_NEW_ID_LEN + 1];
     char user_id[CTX_ID_MAX + 1];
@@ -191,25 +192,40 @@ static void sink_progress(void *ud, cJSON *params) {
     req_send(ud, notification_text("notifications/progress", params));
 }
 
-static void sink_done(void *ud, cJSON *result) {
-    breq *r = ud;
+/* Unlinks a finished request from its connection, drops its counts and
+ * frees it (any thread, b->lock not held). */
+static void req_finish(breq *r) {
     bridge *b = r->b;
     pthread_mutex_lock(&b->lock);
-    if (!r->is_run && r->conn)
-        send_text(b, r->conn_id, result_text(r->raw_id, result));
     if (r->conn) {
         r->prev->next = r->next;
         r->next->prev = r->prev;
     }
     pthread_mutex_unlock(&b->lock);
-    cJSON_Delete(result);
     atomic_fetch_sub(&b->in_flight, 1);
     if (r->is_run) atomic_fetch_sub(&b->runs, 1);
     disp_release(r->d);
     req_free(r);
 }
 
-/* Marks a request answered and lets its held notifications go. */
+/* The request ended. A run can end before agents_run sent its response
+ * (a quick agent on another worker): then req_answered finishes it, so
+ * that the response still goes first and r outlives agents_run. */
+static void sink_done(void *ud, cJSON *result) {
+    breq *r = ud;
+    bridge *b = r->b;
+    pthread_mutex_lock(&b->lock);
+    if (!r->is_run && r->conn)
+        send_text(b, r->conn_id, result_text(r->raw_id, result));
+    bool early = !r->answered;
+    if (early) r->finished = true;
+    pthread_mutex_unlock(&b->lock);
+    cJSON_Delete(result);
+    if (!early) req_finish(r);
+}
+
+/* Marks a request answered and lets its held notifications go; finishes
+ * a request whose done came first. r may be freed on return. */
 static void req_answered(breq *r) {
     pthread_mutex_lock(&r->b->lock);
     r->answered = true;
@@ -219,7 +235,9 @@ static void req_answered(breq *r) {
         r->held[i] = NULL;
     }
     r->nheld = 0;
+    bool finished = r->finished;
     pthread_mutex_unlock(&r->b->lock);
+    if (finished) req_finish(r);
 }
 
 /* Makes a request with its context and dispatcher, linked to its
