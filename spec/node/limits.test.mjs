@@ -52,10 +52,10 @@ describe('bounded outbox', () => {
       const c = await as(srv, 'sloth');
       await c.rpc('ping');
       const before = rssKb(srv.proc.pid);
-      const { result } = await c.rpc('agents/run', { name: 'chatty', input: { kb: 64, count: 400 } });
-      assert.ok(result.run_id);
+      // Up to 8000 x 8 KiB = 62 MiB of events for a client that reads nothing:
+      // the kernel's socket buffers fill first, then netra's outbox.
+      c.send({ jsonrpc: '2.0', id: 'run', method: 'agents/run', params: { name: 'chatty', input: { kb: 8, count: 8000, gap_ms: 1 } } });
       c.ws._socket.pause();
-      // 400 x 64 KiB = 25 MiB of events for a client that reads nothing.
       await waitFor(() => /closing connection \d+: \d+ bytes queued for a client that does not read \(limit 65536\)/.test(srv.log()),
         20000, () => srv.log());
       await waitObserved(srv.port, (o) => o.runs_in_flight === 0 && o.connections === 1, 20000);
@@ -75,17 +75,54 @@ describe('bounded outbox', () => {
     }
   });
 
+  test('a client that reads is never closed, even when one result and its event exceed the limit', async () => {
+    const srv = await startNetra({ env: { NETRA_HOME: testHome(), NETRA_MAX_OUTBOX_BYTES: '65536' } });
+    try {
+      const c = await as(srv, 'reader');
+      // Each call queues tool_completed (40 KiB) and the result (40 KiB)
+      // at once: 80 KiB over a 64 KiB limit, for a client that reads.
+      for (let i = 0; i < 50; i++) {
+        const r = await c.rpc('tools/call', { name: 'big', arguments: { kb: 40 } });
+        assert.equal(r.result.content[0].text.length, 40 * 1024);
+      }
+      const burst = await Promise.all(Array.from({ length: 10 }, () => c.rpc('tools/call', { name: 'big', arguments: { kb: 40 } })));
+      for (const r of burst) assert.equal(r.result.content[0].text.length, 40 * 1024);
+      assert.equal(c.ws.readyState, 1);
+      assert.doesNotMatch(srv.log(), /does not read/);
+      await c.close();
+    } finally {
+      await srv.stop();
+    }
+  });
+
   test('a slow reader of large tool results is closed too', async () => {
     const srv = await startNetra({ env: { NETRA_HOME: testHome(), NETRA_MAX_OUTBOX_BYTES: '65536' } });
     try {
       const c = await as(srv, 'sloth');
       await c.rpc('ping');
       c.ws._socket.pause();
-      for (let i = 0; i < 100; i++) c.send({ jsonrpc: '2.0', id: i, method: 'tools/call', params: { name: 'big', arguments: { kb: 256 } } });
+      for (let i = 0; i < 1000; i++) c.send({ jsonrpc: '2.0', id: i, method: 'tools/call', params: { name: 'big', arguments: { kb: 16 } } });
       await waitFor(() => /bytes queued for a client that does not read/.test(srv.log()), 20000, () => srv.log());
       await waitObserved(srv.port, (o) => o.connections === 0 || o.runs_in_flight === 0, 20000);
       c.ws._socket.resume();
       await c.closed;
+    } finally {
+      await srv.stop();
+    }
+  });
+});
+
+describe('large messages', () => {
+  test('requests and results far larger than one frame buffer round-trip intact', async () => {
+    const srv = await startNetra({ env: { NETRA_HOME: testHome() } });
+    try {
+      const c = await as(srv, 'ada');
+      const text = 'é'.repeat(150000) + 'end';
+      const r = await c.rpc('tools/call', { name: 'echo', arguments: { text } });
+      assert.equal(r.result.content[0].text, text);
+      const big = await c.rpc('tools/call', { name: 'big', arguments: { kb: 900 } });
+      assert.equal(big.result.content[0].text.length, 900 * 1024);
+      await c.close();
     } finally {
       await srv.stop();
     }

@@ -103,7 +103,7 @@ return {
     return { waited = input.ms or 60000 }
   end,
 }`,
-  // Thinks input.count times with input.kb kilobytes each.
+  // Thinks input.count times with input.kb kilobytes each, input.gap_ms apart.
   'chatty.lua': `
 return {
   name = "chatty",
@@ -113,7 +113,11 @@ return {
              memory_bytes = 256 * 1024 * 1024 },
   run = function(ctx, input)
     local text = string.rep("y", 1024 * (input.kb or 64))
-    for _ = 1, (input.count or 100) do ctx:think(text) end
+    for _ = 1, (input.count or 100) do
+      ctx:think(text)
+      local until_ = os.clock() + (input.gap_ms or 0) / 1000
+      while os.clock() < until_ do end
+    end
     return "done"
   end,
 }`,
