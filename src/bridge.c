@@ -256,6 +256,20 @@ static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
                    "busy: the dispatcher is not running - retry shortly");
         return NULL;
     }
+    /* Once shutdown began no request starts: it could outlive the
+     * server and its final event would reach nobody. */
+    bool stopping = false;
+    if (b->rt) {
+        pthread_mutex_lock(&b->rt->lock);
+        stopping = b->rt->stopping;
+        pthread_mutex_unlock(&b->rt->lock);
+    }
+    if (stopping) {
+        send_error(b, conn_id, raw_id, DISP_BUSY,
+                   "busy: the server is shutting down - reconnect and "
+                   "retry");
+        return NULL;
+    }
 
     breq *r = calloc(1, sizeof *r);
     if (!r) return NULL;

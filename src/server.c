@@ -503,10 +503,7 @@ static conn *find_conn(server *srv, uint64_t id) {
     return NULL;
 }
 
-static void free_conn_buffers(conn *c) {
-    free(c->rx);
-    c->rx = NULL;
-    c->rx_len = c->rx_cap = 0;
+static void free_out_queue(conn *c) {
     while (c->out_head) {
         outmsg *m = c->out_head;
         c->out_head = m->next;
@@ -514,6 +511,13 @@ static void free_conn_buffers(conn *c) {
     }
     c->out_tail = NULL;
     c->out_bytes = 0;
+}
+
+static void free_conn_buffers(conn *c) {
+    free(c->rx);
+    c->rx = NULL;
+    c->rx_len = c->rx_cap = 0;
+    free_out_queue(c);
 }
 
 /* Marks a connection to close with code and reason at its next
@@ -526,13 +530,26 @@ static void start_close(conn *c, int code, const char *reason) {
     lws_callback_on_writable(c->wsi);
 }
 
-/* Queues a message on a connection; takes m. Past max_outbox_bytes the
- * client is closed, but only while its socket takes nothing more
- * (choked): a burst queued before the service thread could write (a
- * large result with its tool_completed event) is not a slow client. */
+/* Queues a message on a connection; takes m. A message that finds more
+ * than max_outbox_bytes already queued closes the client: the queue
+ * holds at most the limit plus one message, and a burst queued before
+ * the service thread could write (a large result right after its
+ * tool_completed event) does not close a client that reads. */
 static void enqueue(server *srv, conn *c, outmsg *m) {
     if (c->closing) {
         free(m);
+        return;
+    }
+    if (c->out_bytes > srv->opts.max_outbox_bytes) {
+        log_msg(NLOG_WARN, "bridge",
+                "closing connection %llu: %zu bytes queued for a client that "
+                "does not read (limit %zu)",
+                (unsigned long long)c->id, c->out_bytes + m->len,
+                srv->opts.max_outbox_bytes);
+        free(m);
+        free_out_queue(c); /* it would never be sent */
+        start_close(c, LWS_CLOSE_STATUS_POLICY_VIOLATION,
+                    "client too slow: outgoing queue over its limit");
         return;
     }
     m->next = NULL;
@@ -540,17 +557,6 @@ static void enqueue(server *srv, conn *c, outmsg *m) {
     else c->out_head = m;
     c->out_tail = m;
     c->out_bytes += m->len;
-    if (c->out_bytes > srv->opts.max_outbox_bytes &&
-        lws_send_pipe_choked(c->wsi)) {
-        log_msg(NLOG_WARN, "bridge",
-                "closing connection %llu: %zu bytes queued for a client that "
-                "does not read (limit %zu)",
-                (unsigned long long)c->id, c->out_bytes,
-                srv->opts.max_outbox_bytes);
-        start_close(c, LWS_CLOSE_STATUS_POLICY_VIOLATION,
-                    "client too slow: outgoing queue over its limit");
-        return;
-    }
     lws_callback_on_writable(c->wsi);
 }
 

@@ -5,7 +5,7 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { startNetra, Client, waitFor } from './support.mjs';
+import { startNetra, Client, waitFor, httpStatus } from './support.mjs';
 import { testHome, waitObserved, runEnd } from './testhome.mjs';
 
 const as = (srv, user) => Client.connect(srv.url(), { headers: { 'X-Netra-User': user } });
@@ -21,9 +21,9 @@ describe('admission', () => {
     try {
       const a = await as(srv, 'alice');
       const b = await as(srv, 'bob');
-      const slow = [a.rpc('tools/call', { name: 'slow', arguments: { ms: 1500 } }),
-        a.rpc('tools/call', { name: 'slow', arguments: { ms: 1500 } })];
-      await waitObserved(srv.port, (o) => o.runs_in_flight >= 2);
+      const slow = [a.rpc('tools/call', { name: 'slow', arguments: { ms: 4000 } }),
+        a.rpc('tools/call', { name: 'slow', arguments: { ms: 4000 } })];
+      await waitFor(() => a.events((e) => e.type === 'tool_executing' && e.tool_name === 'slow').length === 2);
       const third = await a.rpc('tools/call', { name: 'echo', arguments: { text: 'x' } });
       assert.equal(third.error?.code, -32000, JSON.stringify(third));
       assert.match(third.error.message, /busy/);
@@ -46,7 +46,9 @@ describe('admission', () => {
 
 describe('bounded outbox', () => {
   test('a client that never reads is closed with a logged reason; memory stays bounded; others go on', async () => {
-    const srv = await startNetra({ env: { NETRA_HOME: testHome(), NETRA_MAX_OUTBOX_BYTES: '65536' } });
+    // ASan's quarantine would keep freed memory resident; keep it small.
+    const asan = `${process.env.ASAN_OPTIONS ?? ''}:quarantine_size_mb=4`;
+    const srv = await startNetra({ env: { NETRA_HOME: testHome(), NETRA_MAX_OUTBOX_BYTES: '65536', ASAN_OPTIONS: asan } });
     try {
       const other = await as(srv, 'olga');
       const c = await as(srv, 'sloth');
@@ -85,8 +87,6 @@ describe('bounded outbox', () => {
         const r = await c.rpc('tools/call', { name: 'big', arguments: { kb: 40 } });
         assert.equal(r.result.content[0].text.length, 40 * 1024);
       }
-      const burst = await Promise.all(Array.from({ length: 10 }, () => c.rpc('tools/call', { name: 'big', arguments: { kb: 40 } })));
-      for (const r of burst) assert.equal(r.result.content[0].text.length, 40 * 1024);
       assert.equal(c.ws.readyState, 1);
       assert.doesNotMatch(srv.log(), /does not read/);
       await c.close();
@@ -159,12 +159,18 @@ describe('ping/pong', () => {
 
 describe('shutdown', () => {
   test('SIGTERM with a run in flight: agent_error (cancelled) after the grace, then 1001, exit 0', async () => {
-    const srv = await startNetra({ env: { NETRA_HOME: testHome(), NETRA_SHUTDOWN_GRACE_MS: '300' } });
+    const srv = await startNetra({ env: { NETRA_HOME: testHome(), NETRA_SHUTDOWN_GRACE_MS: '1000' } });
     const c = await as(srv, 'ada');
     const { result } = await c.rpc('agents/run', { name: 'wait', input: { ms: 60000 } });
     await c.waitMessage((m) => m.params?.type === 'agent_thinking');
     const t0 = Date.now();
-    const [closed, exit] = await Promise.all([c.closed, srv.stop()]);
+    const stopped = srv.stop();
+    // During the grace a new request is refused; the run goes on.
+    await waitFor(async () => (await httpStatus(srv.port, '/health/ready')) === 503, 5000, () => srv.log());
+    const late = await c.rpc('agents/run', { name: 'daily_brief', input: {} });
+    assert.equal(late.error?.code, -32000, JSON.stringify(late));
+    assert.match(late.error.message, /shutting down/);
+    const [closed, exit] = await Promise.all([c.closed, stopped]);
     assert.ok(Date.now() - t0 < 10000);
     assert.equal(closed.code, 1001);
     assert.equal(exit.code, 0);
