@@ -14,6 +14,7 @@
 #include "jwt.h"
 #include "log.h"
 #include "policy.h"
+#include "reload.h"
 #include "runtime.h"
 #include "server.h"
 
@@ -228,47 +229,29 @@ static void *startup_main(void *arg) {
     return NULL;
 }
 
-static const char *config_getter(void *ud, const char *key) {
-    return config_get(ud, key);
-}
-
 /* Makes the dispatcher's pool from what the policy registered. Returns
  * NULL after logging why. */
 static disp_pool *start_pool(runtime *rt) {
     char err[2048], dir[4096];
-    long workers, per_user, queue_max;
-    if (config_int(rt->cfg, "NETRA_WORKERS", 0, 0, 1024, &workers, err,
-                   sizeof err) < 0 ||
-        config_int(rt->cfg, "NETRA_MAX_INFLIGHT_PER_USER", 16, 1, 100000,
-                   &per_user, err, sizeof err) < 0 ||
-        config_int(rt->cfg, "NETRA_QUEUE_MAX", 256, 1, 1000000, &queue_max,
-                   err, sizeof err) < 0) {
-        log_msg(NLOG_ERROR, "dispatcher", "%s", err);
-        return NULL;
-    }
     if (!rt->tools) {
         snprintf(dir, sizeof dir, "%s/lua", config_home(rt->cfg));
         rt->tools = disp_registry_new(dir);
         if (!rt->tools) return NULL;
     }
-    health_info info;
-    bool ch_off = health_get(rt->health, "clickhouse", &info) != 0 ||
-                  info.status == HEALTH_DISABLED;
-    disp_pool_config pc = {
-        .workers = (int)workers,
-        .queue_max = (int)queue_max,
-        .max_inflight_per_user = (int)per_user,
-        .time_ms = rt->tool_budget.time_ms,
-        .instructions = rt->tool_budget.instructions,
-        .memory_bytes = rt->tool_budget.memory_bytes,
-        .clickhouse_get = ch_off ? NULL : config_getter,
-        .clickhouse_get_ud = rt->cfg,
-        .counter_ud = rt,
-        .requests_changed = runtime_requests_changed,
-    };
-    disp_pool *pool = disp_pool_new(rt->tools, &pc, err, sizeof err);
+    disp_pool *pool = reload_pool_new(rt, rt->tools, err, sizeof err);
     if (!pool) log_msg(NLOG_ERROR, "dispatcher", "%s", err);
     return pool;
+}
+
+/* SIGHUP: reloads once started (netra_reload logs the outcome). */
+static void serve_reload(runtime *rt) {
+    char err[8192];
+    if (!rt->reload) {
+        log_msg(NLOG_WARN, "reload", "SIGHUP during startup: ignored - "
+                "send it again once the server is ready");
+        return;
+    }
+    netra_reload(rt, err, sizeof err);
 }
 
 /* Waits up to 200 ms for a signal; returns it or 0. */
@@ -347,6 +330,7 @@ static int cmd_serve(const options *o) {
         return 1;
     }
     disp_pool *pool = NULL;
+    reload *gens = NULL; /* owns pool and s.policy once made */
     server_register_bridge(rt->server, NULL, err, sizeof err);
     health_start(rt->health);
 
@@ -360,10 +344,10 @@ static int cmd_serve(const options *o) {
     while (!sig) {
         sig = wait_signal(&set);
         if (sig == SIGHUP) {
-            log_msg(NLOG_WARN, "netra", "SIGHUP: reload is not available in "
-                                        "this version; ignored");
+            serve_reload(rt);
             sig = 0;
         }
+        reload_collect(gens);
         int outcome = atomic_load(&s.outcome);
         if (!joined && outcome >= 0) {
             pthread_join(th, NULL);
@@ -383,6 +367,7 @@ static int cmd_serve(const options *o) {
                 break;
             }
             bridge_set_dispatcher(b, pool, rt->tools);
+            gens = reload_new(rt, b, s.policy, pool);
             runtime_set_started(rt);
             log_msg(NLOG_INFO, "netra", "ready in %s on port %d", env,
                     server_port(rt->server));
@@ -422,7 +407,7 @@ static int cmd_serve(const options *o) {
     health_stop(rt->health);
     server_stop(rt->server, 2000);
     bridge_set_dispatcher(b, NULL, NULL);
-    disp_pool_free(pool);
+    if (!gens) disp_pool_free(pool);
     if (!joined) {
         /* The policy is still running (a long connection retry): its
          * thread ends with the process. */
@@ -431,7 +416,8 @@ static int cmd_serve(const options *o) {
     }
     health_free(rt->health);
     rt->health = NULL;
-    policy_close(s.policy);
+    if (gens) reload_free(gens);
+    else policy_close(s.policy);
     server_free(rt->server);
     rt->server = NULL;
     bridge_free(b);

@@ -16,6 +16,7 @@
 
 struct server;
 struct disp_registry;
+struct reload;
 
 typedef struct runtime {
     config *cfg;             /* owned */
@@ -38,6 +39,8 @@ typedef struct runtime {
         int64_t time_ms, instructions, memory_bytes;
     } tool_budget;                /* the policy's default budgets (0:
                                      the sandbox's defaults) */
+    struct reload *reload;        /* `netra serve` once started: the
+                                     generations (reload.h); else NULL */
 } runtime;
 
 /* Returns a runtime owning cfg (already loaded) and a new registry, or
