@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "analytics.h"
 #include "bridge.h"
 #include "config.h"
 #include "disp.h"
@@ -408,6 +409,10 @@ static int cmd_serve(const options *o) {
     server_stop(rt->server, 2000);
     bridge_set_dispatcher(b, NULL, NULL);
     if (!gens) disp_pool_free(pool);
+    /* What analytics accepted is in the spool; one last send, and the
+     * rest waits there for the next start. */
+    analytics_stop(rt->analytics, (int)grace_ms);
+    rt->analytics = NULL;
     if (!joined) {
         /* The policy is still running (a long connection retry): its
          * thread ends with the process. */

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "analytics.h"
 #include "log.h"
 #include "server.h"
 
@@ -65,6 +66,9 @@ static disp_pool *make_pool(runtime *rt, disp_registry *reg,
         .clickhouse_get_ud = rt->cfg,
         .counter_ud = rt,
         .requests_changed = runtime_requests_changed,
+        .record_ud = rt->analytics,
+        .record = rt->analytics ? analytics_record_call : NULL,
+        .record_event = rt->analytics ? analytics_record_event : NULL,
     };
     return disp_pool_new(reg, &pc, err, err_size);
 }
