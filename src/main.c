@@ -408,7 +408,8 @@ static int cmd_serve(const options *o) {
     health_stop(rt->health);
     server_stop(rt->server, 2000);
     bridge_set_dispatcher(b, NULL, NULL);
-    if (!gens) disp_pool_free(pool);
+    if (gens) reload_free(gens); /* every generation's pool and policy */
+    else disp_pool_free(pool);
     /* What analytics accepted is in the spool; one last send, and the
      * rest waits there for the next start. */
     analytics_stop(rt->analytics, (int)grace_ms);
@@ -421,8 +422,7 @@ static int cmd_serve(const options *o) {
     }
     health_free(rt->health);
     rt->health = NULL;
-    if (gens) reload_free(gens);
-    else policy_close(s.policy);
+    if (!gens) policy_close(s.policy);
     server_free(rt->server);
     rt->server = NULL;
     bridge_free(b);

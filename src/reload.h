@@ -28,8 +28,9 @@
 typedef struct reload reload;
 
 /* Makes a pool for reg with the dispatcher settings (NETRA_WORKERS,
- * NETRA_MAX_INFLIGHT_PER_USER, NETRA_QUEUE_MAX), rt->tool_budget and
- * ClickHouse for tools unless the clickhouse component is disabled.
+ * NETRA_MAX_INFLIGHT_PER_USER, NETRA_QUEUE_MAX), rt->tool_budget,
+ * ClickHouse for tools unless the clickhouse component is disabled, and
+ * call records going to rt->analytics when it runs.
  * Returns NULL with err filled. Main thread or the reloading thread. */
 disp_pool *reload_pool_new(runtime *rt, disp_registry *reg, char *err,
                            size_t err_size);
@@ -60,8 +61,10 @@ void reload_counts(reload *r, unsigned long *generation,
 policy *reload_current_policy(runtime *rt);
 
 /* At shutdown, after bridge_set_dispatcher(b, NULL, NULL) and
- * health_free: frees every pool (cancelling what still runs) and closes
- * every policy state. Clears rt->reload. */
+ * health_stop, and before rt->analytics goes (the pools record into it):
+ * frees every pool (cancelling what still runs) and closes every policy
+ * state (Lua checks still registered from them then report their state
+ * gone). Clears rt->reload. */
 void reload_free(reload *r);
 
 #endif

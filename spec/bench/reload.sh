@@ -17,7 +17,7 @@ warmup=20
 work=$(mktemp -d /tmp/netra-bench-reload.XXXXXX)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 
-NETRA_HOME=$PWD NETRA_LOG_FORMAT=text "$bin" serve --env test \
+NETRA_HOME=$PWD NETRA_STATE_DIR=$work NETRA_LOG_FORMAT=text "$bin" serve --env test \
   --listen 127.0.0.1:0 2>"$work/netra.log" &
 pid=$!
 port=

@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "analytics.h"
 #include "bridge.h"
 #include "config.h"
 #include "disp.h"
@@ -72,6 +73,7 @@ static fixture *start(const char *policy_text) {
     config *cfg = config_new();
     config_set(cfg, CONFIG_FLAG, "ENVIRONMENT", "test");
     config_set(cfg, CONFIG_FLAG, "NETRA_WORKERS", "1");
+    config_set(cfg, CONFIG_FLAG, "NETRA_STATE_DIR", f->home);
     char path[1024], err[8192];
     if (policy_text) {
         snprintf(path, sizeof path, "%s/probe.lua", f->home);
@@ -115,9 +117,11 @@ static void stop(fixture *f) {
     health_stop(rt->health);
     server_stop(rt->server, 1000);
     bridge_set_dispatcher(f->b, NULL, NULL);
+    reload_free(rt->reload);
+    analytics_stop(rt->analytics, 1000);
+    rt->analytics = NULL;
     health_free(rt->health);
     rt->health = NULL;
-    reload_free(rt->reload);
     server_free(rt->server);
     rt->server = NULL;
     bridge_free(f->b);

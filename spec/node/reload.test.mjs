@@ -72,7 +72,7 @@ describe('reload on SIGHUP', () => {
 
   before(async () => {
     dir = makeHome();
-    srv = await startNetra({ env: { NETRA_HOME: dir, NETRA_LOG_FORMAT: 'text' } });
+    srv = await startNetra({ env: { NETRA_HOME: dir, NETRA_STATE_DIR: dir, NETRA_LOG_FORMAT: 'text' } });
     client = await Client.connect(srv.url(), { headers: { 'X-Netra-User': 'alice' } });
     await client.rpc('initialize', { protocolVersion: '2025-06-18', capabilities: {},
       clientInfo: { name: 'reload-test', version: '1' } });
