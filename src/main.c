@@ -1,4 +1,5 @@
-/* main: the netra command line: serve, check, version, help. */
+/* main: the netra command line: serve, check, token, repl, version,
+ * help. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -13,6 +14,8 @@
 #include "jwt.h"
 #include "log.h"
 #include "policy.h"
+#include "repl.h"
+#include "repl_term.h"
 #include "runtime.h"
 #include "server.h"
 
@@ -30,6 +33,11 @@ static const char usage_text[] =
     "  token --user NAME [--ttl SECONDS] [--env NAME]\n"
     "                 print a client token signed with NETRA_JWT_SECRET\n"
     "                 (default ttl 3600), alone on stdout\n"
+    "  repl [--env NAME] [--serve] [--attach [PATH]]\n"
+    "                 a Lua prompt with the netra module and the policy\n"
+    "                 applied (--serve: serving too); --attach evaluates\n"
+    "                 in a running server through its control socket;\n"
+    "                 stdin not a terminal: run it as a script\n"
     "  version        print the version\n"
     "  help, --help   print this text\n"
     "\n"
@@ -48,13 +56,16 @@ typedef struct {
     const char *listen;
     const char *user;
     const char *ttl;
+    bool serve;         /* repl --serve */
+    bool attach;        /* repl --attach [PATH] */
+    const char *attach_path;
 } options;
 
 /* Options each command takes. */
 static bool takes(const char *command, const char *option) {
     if (!strcmp(option, "--env"))
         return !strcmp(command, "serve") || !strcmp(command, "check") ||
-               !strcmp(command, "token");
+               !strcmp(command, "token") || !strcmp(command, "repl");
     if (!strcmp(option, "--listen")) return !strcmp(command, "serve");
     if (!strcmp(option, "--user") || !strcmp(option, "--ttl"))
         return !strcmp(command, "token");
@@ -71,6 +82,18 @@ static int parse_args(int argc, char **argv, options *o) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout, 0);
             exit(0);
+        }
+        if (!strcmp(o->command, "repl") && !strcmp(a, "--serve")) {
+            o->serve = true;
+            continue;
+        }
+        if (!strcmp(o->command, "repl") && !strncmp(a, "--attach", 8) &&
+            (a[8] == '\0' || a[8] == '=')) {
+            o->attach = true;
+            if (a[8] == '=') o->attach_path = a + 9;
+            else if (i + 1 < argc && argv[i + 1][0] != '-')
+                o->attach_path = argv[++i];
+            continue;
         }
         char name[32];
         size_t n = strcspn(a, "=");
@@ -206,6 +229,65 @@ static int cmd_token(const options *o) {
     printf("%s\n", token);
     free(token);
     return 0;
+}
+
+/* ---- repl ------------------------------------------------------------------- */
+
+static repl_status local_eval(void *ud, const char *chunk, char **text) {
+    return repl_eval(ud, chunk, text);
+}
+
+static char **local_complete(void *ud, const char *line) {
+    return repl_complete(ud, line);
+}
+
+static const char repl_banner[] =
+    "netra %s REPL, environment %s. Helpers: health() report() "
+    "components()\n"
+    "tools() agents() dispatch_as{user_id=, thread_id=}(tool, args) "
+    "query(sql) reload()\n"
+    "Tab completes; Ctrl-D leaves.";
+
+/* `netra repl` without --attach: the policy applied in this process (not
+ * serving), and a prompt in the policy's state. */
+static int cmd_repl_local(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    runtime *rt = runtime_new(cfg);
+    if (!rt) return 1;
+
+    char err[8192], notice[8400] = "";
+    policy *p = policy_open(rt, err, sizeof err);
+    if (!p)
+        snprintf(notice, sizeof notice, "policy not applied: %s", err);
+    else if (policy_start(p, err, sizeof err) != POLICY_OK)
+        snprintf(notice, sizeof notice, "the policy refused to start: %s",
+                 err);
+    health_start(rt->health);
+
+    repl_options ro = {.rt = rt, .policy = p, .who = "local", .tag = "repl"};
+    repl *r = repl_new(&ro, err, sizeof err);
+    int rc = 1;
+    if (!r) {
+        fprintf(stderr, "netra repl: %s\n", err);
+    } else {
+        char banner[512];
+        snprintf(banner, sizeof banner, repl_banner, NETRA_VERSION,
+                 config_environment(rt->cfg));
+        rterm_evaluator ev = {r, local_eval, local_complete};
+        rc = rterm_run(&ev, banner, notice[0] ? notice : NULL);
+        repl_free(r);
+    }
+    health_stop(rt->health);
+    health_free(rt->health);
+    rt->health = NULL;
+    policy_close(p);
+    runtime_free(rt);
+    return rc;
+}
+
+static int cmd_repl(const options *o) {
+    return cmd_repl_local(o);
 }
 
 /* ---- serve ------------------------------------------------------------------ */
@@ -358,6 +440,7 @@ int main(int argc, char **argv) {
     if (!strcmp(o.command, "serve")) return cmd_serve(&o);
     if (!strcmp(o.command, "check")) return cmd_check(&o);
     if (!strcmp(o.command, "token")) return cmd_token(&o);
+    if (!strcmp(o.command, "repl")) return cmd_repl(&o);
     if (!strcmp(o.command, "version") || !strcmp(o.command, "--version")) {
         printf("netra %s\n", NETRA_VERSION);
         return 0;
