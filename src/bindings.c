@@ -1,6 +1,8 @@
 /* bindings: the `netra` Lua module (see bindings.h). */
 #include "bindings.h"
 
+#include <dirent.h>
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
@@ -11,6 +13,7 @@
 #include <lualib.h>
 
 #include "bind_clickhouse.h"
+#include "bind_disp.h"
 #include "log.h"
 #include "server.h"
 
@@ -528,7 +531,50 @@ static int l_startup_now_ms(lua_State *L) {
     return 1;
 }
 
+static int cmp_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* netra.startup.list_dir(path) -> sorted names of the regular files in
+ * path (no dot files), or nil, message. */
+static int l_startup_list_dir(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    DIR *dir = opendir(path);
+    if (!dir) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "cannot list %s: %s", path, strerror(errno));
+        return 2;
+    }
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(dir))) {
+        if (e->d_name[0] == '.' ||
+            (e->d_type != DT_REG && e->d_type != DT_UNKNOWN))
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            char **grown = realloc(names, cap * sizeof *grown);
+            if (!grown) break;
+            names = grown;
+        }
+        if (!(names[n] = strdup(e->d_name))) break;
+        n++;
+    }
+    closedir(dir);
+    qsort(names, n, sizeof *names, cmp_names);
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushstring(L, names[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+        free(names[i]);
+    }
+    free(names);
+    return 1;
+}
+
 static const luaL_Reg startup_funcs[] = {
+    {"list_dir", l_startup_list_dir},
     {"phase", l_startup_phase},
     {"dry_run", l_startup_dry_run},
     {"serving", l_startup_serving},
@@ -584,6 +630,8 @@ int bindings_push(lua_State *L, runtime *rt) {
     add_section(L, rt, "server", server_funcs);
     bind_clickhouse(L);
     lua_setfield(L, -2, "clickhouse");
+    bind_disp(L, rt);
+    lua_setfield(L, -2, "dispatcher");
     return 1;
 }
 

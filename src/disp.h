@@ -25,6 +25,7 @@
 
 #include <cJSON.h>
 
+#include "clickhouse.h"
 #include "context.h"
 
 /* JSON-RPC error codes the dispatcher answers with. */
@@ -84,6 +85,14 @@ typedef struct {
     int64_t time_ms, instructions, memory_bytes; /* default budgets */
     const char *clickhouse_url; /* ctx.clickhouse target, NULL: not
                                    connected (settings as clickhouse.h) */
+    ch_getter clickhouse_get;   /* used instead when clickhouse_url is
+                                   NULL: CLICKHOUSE_* settings */
+    void *clickhouse_get_ud;
+    bool timer_hook;            /* budgets by timer signal, not a count
+                                   hook (sandbox.h SBX_HOOK_TIMER) */
+    void *counter_ud;           /* requests_changed(+1/-1) as requests
+                                   start and end (e.g. a runtime gauge) */
+    void (*requests_changed)(void *ud, int delta);
     void *record_ud;
     void (*record)(void *ud, const disp_call_record *rec);
 } disp_pool_config;

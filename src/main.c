@@ -11,6 +11,7 @@
 
 #include "bridge.h"
 #include "config.h"
+#include "disp.h"
 #include "jwt.h"
 #include "log.h"
 #include "policy.h"
@@ -231,65 +232,6 @@ static int cmd_token(const options *o) {
     return 0;
 }
 
-/* ---- repl ------------------------------------------------------------------- */
-
-static repl_status local_eval(void *ud, const char *chunk, char **text) {
-    return repl_eval(ud, chunk, text);
-}
-
-static char **local_complete(void *ud, const char *line) {
-    return repl_complete(ud, line);
-}
-
-static const char repl_banner[] =
-    "netra %s REPL, environment %s. Helpers: health() report() "
-    "components()\n"
-    "tools() agents() dispatch_as{user_id=, thread_id=}(tool, args) "
-    "query(sql) reload()\n"
-    "Tab completes; Ctrl-D leaves.";
-
-/* `netra repl` without --attach: the policy applied in this process (not
- * serving), and a prompt in the policy's state. */
-static int cmd_repl_local(const options *o) {
-    config *cfg = load_config(o);
-    if (!cfg) return 1;
-    runtime *rt = runtime_new(cfg);
-    if (!rt) return 1;
-
-    char err[8192], notice[8400] = "";
-    policy *p = policy_open(rt, err, sizeof err);
-    if (!p)
-        snprintf(notice, sizeof notice, "policy not applied: %s", err);
-    else if (policy_start(p, err, sizeof err) != POLICY_OK)
-        snprintf(notice, sizeof notice, "the policy refused to start: %s",
-                 err);
-    health_start(rt->health);
-
-    repl_options ro = {.rt = rt, .policy = p, .who = "local", .tag = "repl"};
-    repl *r = repl_new(&ro, err, sizeof err);
-    int rc = 1;
-    if (!r) {
-        fprintf(stderr, "netra repl: %s\n", err);
-    } else {
-        char banner[512];
-        snprintf(banner, sizeof banner, repl_banner, NETRA_VERSION,
-                 config_environment(rt->cfg));
-        rterm_evaluator ev = {r, local_eval, local_complete};
-        rc = rterm_run(&ev, banner, notice[0] ? notice : NULL);
-        repl_free(r);
-    }
-    health_stop(rt->health);
-    health_free(rt->health);
-    rt->health = NULL;
-    policy_close(p);
-    runtime_free(rt);
-    return rc;
-}
-
-static int cmd_repl(const options *o) {
-    return cmd_repl_local(o);
-}
-
 /* ---- serve ------------------------------------------------------------------ */
 
 typedef struct {
@@ -307,6 +249,49 @@ static void *startup_main(void *arg) {
                             : POLICY_FAILED;
     atomic_store(&s->outcome, outcome);
     return NULL;
+}
+
+static const char *config_getter(void *ud, const char *key) {
+    return config_get(ud, key);
+}
+
+/* Makes the dispatcher's pool from what the policy registered. Returns
+ * NULL after logging why. */
+static disp_pool *start_pool(runtime *rt) {
+    char err[2048], dir[4096];
+    long workers, per_user, queue_max;
+    if (config_int(rt->cfg, "NETRA_WORKERS", 0, 0, 1024, &workers, err,
+                   sizeof err) < 0 ||
+        config_int(rt->cfg, "NETRA_MAX_INFLIGHT_PER_USER", 16, 1, 100000,
+                   &per_user, err, sizeof err) < 0 ||
+        config_int(rt->cfg, "NETRA_QUEUE_MAX", 256, 1, 1000000, &queue_max,
+                   err, sizeof err) < 0) {
+        log_msg(NLOG_ERROR, "dispatcher", "%s", err);
+        return NULL;
+    }
+    if (!rt->tools) {
+        snprintf(dir, sizeof dir, "%s/lua", config_home(rt->cfg));
+        rt->tools = disp_registry_new(dir);
+        if (!rt->tools) return NULL;
+    }
+    health_info info;
+    bool ch_off = health_get(rt->health, "clickhouse", &info) != 0 ||
+                  info.status == HEALTH_DISABLED;
+    disp_pool_config pc = {
+        .workers = (int)workers,
+        .queue_max = (int)queue_max,
+        .max_inflight_per_user = (int)per_user,
+        .time_ms = rt->tool_budget.time_ms,
+        .instructions = rt->tool_budget.instructions,
+        .memory_bytes = rt->tool_budget.memory_bytes,
+        .clickhouse_get = ch_off ? NULL : config_getter,
+        .clickhouse_get_ud = rt->cfg,
+        .counter_ud = rt,
+        .requests_changed = runtime_requests_changed,
+    };
+    disp_pool *pool = disp_pool_new(rt->tools, &pc, err, sizeof err);
+    if (!pool) log_msg(NLOG_ERROR, "dispatcher", "%s", err);
+    return pool;
 }
 
 /* Waits up to 200 ms for a signal; returns it or 0. */
@@ -374,8 +359,16 @@ static int cmd_serve(const options *o) {
             "/health/live, /health/ready, /ws)",
             strchr(so.host, ':') ? "[" : "", so.host,
             strchr(so.host, ':') ? "]" : "", server_port(rt->server));
+    bridge *b = bridge_new(rt, rt->server);
+    if (!b) {
+        log_msg(NLOG_ERROR, "server", "out of memory making the bridge");
+        server_stop(rt->server, 0);
+        server_free(rt->server);
+        runtime_free(rt);
+        return 1;
+    }
+    disp_pool *pool = NULL;
     server_register_bridge(rt->server, NULL, err, sizeof err);
-    bridge *br = bridge_new(rt, rt->server);
     health_start(rt->health);
 
     startup s = {.rt = rt};
@@ -403,6 +396,14 @@ static int cmd_serve(const options *o) {
                 rc = 1;
                 break;
             }
+            pool = start_pool(rt);
+            if (!pool) {
+                log_msg(NLOG_ERROR, "startup",
+                        "startup refused in %s; exiting", env);
+                rc = 1;
+                break;
+            }
+            bridge_set_dispatcher(b, pool, rt->tools);
             runtime_set_started(rt);
             log_msg(NLOG_INFO, "netra", "ready in %s on port %d", env,
                     server_port(rt->server));
@@ -414,7 +415,15 @@ static int cmd_serve(const options *o) {
     }
 
     runtime_set_stopping(rt);
+    bridge_cancel_all(b, "the server is shutting down");
+    int64_t until = server_now_ms() + grace_ms;
+    while (bridge_in_flight(b) > 0 && server_now_ms() < until) {
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     server_stop(rt->server, (int)grace_ms);
+    bridge_set_dispatcher(b, NULL, NULL);
+    disp_pool_free(pool);
     health_stop(rt->health);
     if (!joined) {
         /* The policy is still running (a long connection retry): its
@@ -427,10 +436,72 @@ static int cmd_serve(const options *o) {
     policy_close(s.policy);
     server_free(rt->server);
     rt->server = NULL;
-    bridge_free(br);
+    bridge_free(b);
     runtime_free(rt);
     if (!rc) log_msg(NLOG_INFO, "netra", "stopped");
     return rc;
+}
+
+/* ---- repl ------------------------------------------------------------------- */
+
+static repl_status local_eval(void *ud, const char *chunk, char **text) {
+    return repl_eval(ud, chunk, text);
+}
+
+static char **local_complete(void *ud, const char *line) {
+    return repl_complete(ud, line);
+}
+
+static const char repl_banner[] =
+    "netra %s REPL, environment %s. Helpers: health() report() "
+    "components()\n"
+    "tools() agents() dispatch_as{user_id=, thread_id=}(tool, args) "
+    "query(sql) reload()\n"
+    "Tab completes; Ctrl-D leaves.";
+
+/* `netra repl` without --attach: the policy applied in this process (not
+ * serving), and a prompt in the policy's state. */
+static int cmd_repl_local(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    runtime *rt = runtime_new(cfg);
+    if (!rt) return 1;
+
+    char err[8192], notice[8400] = "";
+    policy *p = policy_open(rt, err, sizeof err);
+    if (!p)
+        snprintf(notice, sizeof notice, "policy not applied: %s", err);
+    else if (policy_start(p, err, sizeof err) != POLICY_OK)
+        snprintf(notice, sizeof notice, "the policy refused to start: %s",
+                 err);
+    health_start(rt->health);
+    disp_pool *pool = p && !notice[0] ? start_pool(rt) : NULL;
+
+    repl_options ro = {.rt = rt, .policy = p, .who = "local", .tag = "repl"};
+    repl *r = repl_new(&ro, err, sizeof err);
+    int rc = 1;
+    if (!r) {
+        fprintf(stderr, "netra repl: %s\n", err);
+    } else {
+        char banner[512];
+        snprintf(banner, sizeof banner, repl_banner, NETRA_VERSION,
+                 config_environment(rt->cfg));
+        repl_set_pool(r, pool);
+        rterm_evaluator ev = {r, local_eval, local_complete};
+        rc = rterm_run(&ev, banner, notice[0] ? notice : NULL);
+        repl_free(r);
+    }
+    disp_pool_free(pool);
+    health_stop(rt->health);
+    health_free(rt->health);
+    rt->health = NULL;
+    policy_close(p);
+    runtime_free(rt);
+    return rc;
+}
+
+static int cmd_repl(const options *o) {
+    return cmd_repl_local(o);
 }
 
 int main(int argc, char **argv) {

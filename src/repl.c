@@ -10,6 +10,8 @@
 #include <lualib.h>
 
 #include "bindings.h"
+#include "context.h"
+#include "disp.h"
 #include "log.h"
 
 #define REPL_MAX_OUTPUT (4u << 20)
@@ -190,13 +192,113 @@ static int host_policy_call(lua_State *L) {
     return 1;
 }
 
-/* dispatch(fields, tool, args) -> result, events | nil, message */
+/* What one dispatch_as call collects from its sink (worker threads). */
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    cJSON *events;
+    cJSON *result;
+    bool done;
+} collector;
+
+static void sink_event(void *ud, cJSON *ev) {
+    collector *c = ud;
+    pthread_mutex_lock(&c->lock);
+    cJSON_AddItemToArray(c->events, ev);
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void sink_progress(void *ud, cJSON *params) {
+    cJSON *ev = cJSON_CreateObject();
+    cJSON_AddStringToObject(ev, "type", "progress");
+    cJSON_AddItemToObject(ev, "params", params);
+    sink_event(ud, ev);
+}
+
+static void sink_done(void *ud, cJSON *result) {
+    collector *c = ud;
+    pthread_mutex_lock(&c->lock);
+    c->result = result;
+    c->done = true;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+}
+
+static const char *str_field(lua_State *L, int t, const char *k) {
+    lua_getfield(L, t, k);
+    const char *v = lua_tostring(L, -1);
+    lua_pop(L, 1); /* the string stays alive in the table */
+    return v;
+}
+
+/* dispatch(fields, tool, args) -> result, events | nil, message: one tool
+ * call through the pool, in a validated context, waited for here. */
 static int host_dispatch(lua_State *L) {
     repl *r = repl_of(L);
-    (void)r;
-    lua_pushnil(L);
-    lua_pushstring(L, "dispatch_as is not available: this build has no "
-                      "dispatcher");
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *tool = luaL_checkstring(L, 2);
+    char err[1024];
+    ctx_fields f = {0};
+    f.user_id = str_field(L, 1, "user_id");
+    f.thread_id = str_field(L, 1, "thread_id");
+    f.run_id = str_field(L, 1, "run_id");
+    f.request_id = str_field(L, 1, "request_id");
+    log_msg(NLOG_INFO, r->tag,
+            "operator %s: dispatch_as user_id=%s thread_id=%s tool=%s", r->who,
+            f.user_id ? f.user_id : "(none)",
+            f.thread_id ? f.thread_id : "(none)", tool);
+    if (!r->pool) {
+        lua_pushnil(L);
+        lua_pushstring(L, "dispatch_as: no dispatcher in this process (the "
+                          "policy did not start, or the server is not "
+                          "ready yet)");
+        return 2;
+    }
+    netra_ctx *ctx = ctx_new(&f, err, sizeof err);
+    if (!ctx) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "dispatch_as: %s", err);
+        return 2;
+    }
+    cJSON *args = NULL;
+    if (!lua_isnoneornil(L, 3) &&
+        !(args = bindings_to_json(L, 3, err, sizeof err))) {
+        ctx_unref(ctx);
+        lua_pushnil(L);
+        lua_pushfstring(L, "dispatch_as: arguments: %s", err);
+        return 2;
+    }
+    if (!args) args = cJSON_CreateObject();
+
+    collector c = {.events = cJSON_CreateArray()};
+    pthread_mutex_init(&c.lock, NULL);
+    pthread_cond_init(&c.cond, NULL);
+    disp_sink sink = {.ud = &c, .event = sink_event,
+                      .progress = sink_progress, .done = sink_done};
+    int code = 0, rc = -1;
+    disp *d = disp_new(r->pool, ctx, &sink, err, sizeof err);
+    ctx_unref(ctx);
+    if (d) rc = disp_call_tool(d, tool, args, NULL, &code, err, sizeof err);
+    else cJSON_Delete(args);
+    if (rc == 0) {
+        pthread_mutex_lock(&c.lock);
+        while (!c.done) pthread_cond_wait(&c.cond, &c.lock);
+        pthread_mutex_unlock(&c.lock);
+    }
+    if (d) disp_release(d);
+    pthread_mutex_destroy(&c.lock);
+    pthread_cond_destroy(&c.cond);
+
+    if (rc != 0) {
+        cJSON_Delete(c.events);
+        lua_pushnil(L);
+        lua_pushfstring(L, "dispatch_as: %s", err);
+        return 2;
+    }
+    bindings_push_json(L, c.result);
+    bindings_push_json(L, c.events);
+    cJSON_Delete(c.result);
+    cJSON_Delete(c.events);
     return 2;
 }
 

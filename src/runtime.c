@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "disp.h"
+
 runtime *runtime_new(config *cfg) {
     runtime *rt = calloc(1, sizeof *rt);
     if (!rt) {
@@ -31,6 +33,7 @@ runtime *runtime_new(config *cfg) {
 void runtime_free(runtime *rt) {
     if (!rt) return;
     if (rt->health) health_free(rt->health);
+    disp_registry_unref(rt->tools);
     config_free(rt->cfg);
     pthread_mutex_destroy(&rt->lock);
     pthread_mutex_destroy(&rt->lua_lock);
@@ -68,4 +71,9 @@ bool runtime_ready(runtime *rt) {
     bool ok = rt->started && !rt->stopping;
     pthread_mutex_unlock(&rt->lock);
     return ok && health_required_ok(rt->health);
+}
+
+void runtime_requests_changed(void *ud, int delta) {
+    runtime *rt = ud;
+    atomic_fetch_add(&rt->requests, delta);
 }

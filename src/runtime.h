@@ -7,12 +7,15 @@
 #define NETRA_RUNTIME_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "config.h"
 #include "health.h"
 
 struct server;
+struct disp_registry;
 
 typedef struct runtime {
     config *cfg;             /* owned */
@@ -26,6 +29,15 @@ typedef struct runtime {
     bool stopping;
 
     pthread_mutex_t lua_lock; /* held by whoever runs the policy's state */
+
+    struct disp_registry *tools; /* what the policy registered (owned;
+                                    NULL until the first registration) */
+    atomic_int requests;          /* tool calls and agent runs in flight
+                                     (runtime_requests_changed) */
+    struct {
+        int64_t time_ms, instructions, memory_bytes;
+    } tool_budget;                /* the policy's default budgets (0:
+                                     the sandbox's defaults) */
 } runtime;
 
 /* Returns a runtime owning cfg (already loaded) and a new registry, or
@@ -49,5 +61,9 @@ void runtime_set_stopping(runtime *rt);
 /* True when startup finished, the process is not stopping, and every
  * required component is healthy. */
 bool runtime_ready(runtime *rt);
+
+/* Adds delta to rt->requests; the signature fits disp_pool_config's
+ * requests_changed (ud is the runtime). Any thread. */
+void runtime_requests_changed(void *rt, int delta);
 
 #endif

@@ -32,6 +32,7 @@ typedef struct {
     char *name;
     int fn_ref; /* the handler in the current state */
     sbx_budget budget;
+    bool agent; /* an agent file (run) rather than a tool (handler) */
 } sbx_tool;
 
 /* A timer cell outlives its sandbox: a signal may still be on its way
@@ -1694,6 +1695,7 @@ typedef struct {
     int env_ref;
     sbx_tool_def *def;
     int fn_ref;
+    bool agent;
 } check_call;
 
 static bool valid_name(const char *name, size_t len) {
@@ -1764,14 +1766,18 @@ static int check_tramp(lua_State *L) {
     int d;
 
     lua_settop(L, 0);
+    const char *kind = cc->agent ? "agent" : "tool";
+
     if (cc->nres < 1)
-        return fail(L, "%s", "the file must return a table (the tool "
-                    "definition)");
+        return fail(L, "the file must return a table (the %s definition)",
+                    kind);
     lua_pop(cc->co, cc->nres - 1);
     lua_xmove(cc->co, L, 1);
-    if (!lua_istable(L, 1))
-        return fail(L, "the file must return a table (the tool definition),"
-                    " not a %s", luaL_typename(L, 1));
+    if (!lua_istable(L, 1)) {
+        lua_pushfstring(L, "the file must return a table (the %s "
+                        "definition), not a %s", kind, luaL_typename(L, 1));
+        return lua_error(L);
+    }
     d = 1;
 
     lua_pushliteral(L, "name");
@@ -1789,7 +1795,9 @@ static int check_tramp(lua_State *L) {
     def->description = dup_str(lua_tostring(L, -1));
     lua_pop(L, 1);
 
-    def->input_schema = json_field(L, d, "inputSchema", true);
+    def->input_schema = json_field(L, d, "inputSchema", !cc->agent);
+    if (!def->input_schema)
+        def->input_schema = cJSON_Parse("{\"type\":\"object\"}");
     def->output_schema = json_field(L, d, "outputSchema", false);
     def->annotations = json_field(L, d, "annotations", false);
 
@@ -1815,15 +1823,16 @@ static int check_tramp(lua_State *L) {
     }
     lua_pop(L, 1);
 
-    lua_pushliteral(L, "handler");
+    lua_pushstring(L, cc->agent ? "run" : "handler");
     if (lua_rawget(L, d) != LUA_TFUNCTION)
-        return fail(L, "%s", "handler must be a function");
+        return fail(L, "%s", cc->agent ? "run must be a function"
+                                       : "handler must be a function");
     cc->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
-    /* From now on the environment names the tool by its own name. */
+    /* From now on the environment names the file by its own name. */
     lua_rawgeti(L, LUA_REGISTRYINDEX, cc->env_ref);
     lua_getmetatable(L, -1);
-    lua_pushfstring(L, "tool '%s'", def->name);
+    lua_pushfstring(L, "%s '%s'", kind, def->name);
     lua_pushcclosure(L, env_newindex, 1);
     lua_setfield(L, -2, "__newindex");
     return 0;
@@ -1845,8 +1854,9 @@ void sbx_tool_def_free(sbx_tool_def *def) {
 }
 
 /* Loads and runs one tool file in s->L; fills def and *fn_ref. */
-static int load_file(sbx *s, const char *path, sbx_tool_def *def,
-                     int *fn_ref, char *err, size_t errsize) {
+static int load_file(sbx *s, const char *path, bool agent,
+                     sbx_tool_def *def, int *fn_ref, char *err,
+                     size_t errsize) {
     lua_State *L = s->L;
     const char *base = strrchr(path, '/');
     char stem[SBX_NAME_MAX + 16], who[SBX_NAME_MAX + 32], msg[512];
@@ -1862,7 +1872,7 @@ static int load_file(sbx *s, const char *path, sbx_tool_def *def,
     snprintf(stem, sizeof stem, "%s", base ? base + 1 : path);
     if (strlen(stem) > 4 && !strcmp(stem + strlen(stem) - 4, ".lua"))
         stem[strlen(stem) - 4] = 0;
-    snprintf(who, sizeof who, "tool '%s'", stem);
+    snprintf(who, sizeof who, "%s '%s'", agent ? "agent" : "tool", stem);
 
     lua_pushcfunction(L, prep_tramp);
     lua_pushlightuserdata(L, &pc);
@@ -1894,7 +1904,7 @@ static int load_file(sbx *s, const char *path, sbx_tool_def *def,
                  "it loads", shown);
     } else {
         cc = (check_call){s, req->co, req->nres, pc.env_ref, def,
-                          LUA_NOREF};
+                          LUA_NOREF, agent};
         lua_pushcfunction(L, check_tramp);
         lua_pushlightuserdata(L, &cc);
         if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
@@ -1921,8 +1931,8 @@ out:
     return rc;
 }
 
-int sbx_load_tool(sbx *s, const char *path, sbx_tool_def *out, char *err,
-                  size_t errsize) {
+static int load_def(sbx *s, const char *path, bool agent, sbx_tool_def *out,
+                    char *err, size_t errsize) {
     int fn_ref = LUA_NOREF;
     sbx_tool *t;
 
@@ -1941,7 +1951,7 @@ int sbx_load_tool(sbx *s, const char *path, sbx_tool_def *out, char *err,
         s->tools = nt;
         s->tools_cap = cap;
     }
-    if (load_file(s, path, out, &fn_ref, err, errsize) != 0)
+    if (load_file(s, path, agent, out, &fn_ref, err, errsize) != 0)
         return -1;
 
     t = &s->tools[s->ntools];
@@ -1957,7 +1967,27 @@ int sbx_load_tool(sbx *s, const char *path, sbx_tool_def *out, char *err,
     }
     t->fn_ref = fn_ref;
     t->budget = out->budget;
+    t->agent = agent;
     out->handler_ref = ++s->ntools;
+    return 0;
+}
+
+int sbx_load_tool(sbx *s, const char *path, sbx_tool_def *out, char *err,
+                  size_t errsize) {
+    return load_def(s, path, false, out, err, errsize);
+}
+
+int sbx_load_agent(sbx *s, const char *path, sbx_tool_def *out, char *err,
+                   size_t errsize) {
+    return load_def(s, path, true, out, err, errsize);
+}
+
+int sbx_push_handler(sbx *s, lua_State *L, int handler_ref) {
+    if (handler_ref < 1 || handler_ref > s->ntools ||
+        s->tools[handler_ref - 1].fn_ref == LUA_NOREF ||
+        !lua_checkstack(L, 1))
+        return -1;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->tools[handler_ref - 1].fn_ref);
     return 0;
 }
 
@@ -1991,8 +2021,8 @@ int sbx_rebuild(sbx *s, char *err, size_t errsize) {
     s->npool = 0;
     for (int i = 0; i < s->ntools; i++) {
         sbx_tool_def def;
-        if (load_file(s, s->tools[i].path, &def, &refs[i], err,
-                      errsize) != 0) {
+        if (load_file(s, s->tools[i].path, s->tools[i].agent, &def,
+                      &refs[i], err, errsize) != 0) {
             /* keep the old state: it still works */
             lua_close(L);
             s->L = old;

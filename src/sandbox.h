@@ -130,7 +130,18 @@ void sbx_free(sbx *s);
 int sbx_load_tool(sbx *s, const char *path, sbx_tool_def *out, char *err,
                   size_t errsize);
 
+/* The same for an agent file: name, description, optional inputSchema
+ * (default {"type": "object"}), optional budget and run(ctx, input),
+ * which becomes the handler (handler_ref) that sbx_start runs. */
+int sbx_load_agent(sbx *s, const char *path, sbx_tool_def *out, char *err,
+                   size_t errsize);
+
 void sbx_tool_def_free(sbx_tool_def *def);
+
+/* For C functions called from Lua inside a request (ctx:call): pushes the
+ * handler of handler_ref onto L, a thread of s's state, to be called
+ * inline. Returns 0, or -1 (nothing pushed) when the ref is unknown. */
+int sbx_push_handler(sbx *s, lua_State *L, int handler_ref);
 
 /* Starts a request: a coroutine that will call the handler of tool
  * handler_ref with the values `push` leaves (push may be NULL: no

@@ -1036,7 +1036,8 @@ health_status server_bridge_check(void *ud, char *message, size_t size,
 
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "connections", connections);
-    cJSON_AddNumberToObject(o, "runs_in_flight", 0);
+    cJSON_AddNumberToObject(o, "runs_in_flight",
+                            srv->rt ? atomic_load(&srv->rt->requests) : 0);
     cJSON_AddNumberToObject(o, "loop_silent_ms", (double)silent);
     *observed = o;
 

@@ -204,6 +204,78 @@ function policy.connect_clickhouse(decision, spec)
   return true
 end
 
+--- Lists the .lua files of one directory under lua/netra, sorted.
+local function lua_files(kind)
+  local dir = ("%s/lua/netra/%s"):format(netra.config.home(), kind)
+  local names = netra.startup.list_dir(dir) or {}
+  local files = {}
+  for _, name in ipairs(names) do
+    local stem = name:match("^(.+)%.lua$")
+    if stem then
+      files[#files + 1] = { stem = stem, path = dir .. "/" .. name }
+    end
+  end
+  return files
+end
+
+
+--- Registers the tools and agents the gating table allows, once per
+--- process; the dispatcher's pool is made from them after the policy.
+local registered
+local function register_tools()
+  if registered then
+    return registered
+  end
+  local items, problems, skipped = {}, {}, 0
+  for _, kind in ipairs({ "tools", "agents" }) do
+    local register = kind == "tools" and netra.dispatcher.register_tool
+      or netra.dispatcher.register_agent
+    for _, file in ipairs(lua_files(kind)) do
+      if kind == "agents" or gating.allows_tool(rules, file.stem) then
+        local ok, err = register(file.path)
+        if ok then
+          items[#items + 1] = { kind = kind:sub(1, -2), name = file.stem, path = file.path }
+        else
+          problems[#problems + 1] = {
+            severity = "error",
+            problem = ("%s not registered: %s"):format(kind:sub(1, -2), err),
+            advice = ("fix %s or move it out of lua/netra/%s"):format(file.path, kind),
+          }
+        end
+      else
+        skipped = skipped + 1
+      end
+    end
+  end
+  registered = { items = items, problems = problems, skipped = skipped }
+  return registered
+end
+
+policy.components.tools = {
+  type = "component",
+  decide = function()
+    local r = register_tools()
+    local ntools, nagents = 0, 0
+    for _, item in ipairs(r.items) do
+      if item.kind == "tool" then ntools = ntools + 1 else nagents = nagents + 1 end
+    end
+    return {
+      state = "required",
+      reason = ("%d tool(s) and %d agent(s) registered, %d gated off in %s"):format(
+        ntools, nagents, r.skipped, env),
+      items = r.items,
+      problems = r.problems,
+    }
+  end,
+  start = function(decision)
+    if rules.budget then
+      netra.dispatcher.set_budget(rules.budget)
+    end
+    netra.log.info("dispatcher", decision.reason)
+    return true
+  end,
+}
+
 --- Settings that are not components but can stop startup or warn.
 policy.settings = {
   {
@@ -235,6 +307,7 @@ policy.settings = {
 policy.phases = {
   { name = "listener", components = { "agent_websocket_bridge" } },
   { name = "datastores", components = { "clickhouse" } },
+  { name = "tools", components = { "tools" } },
 }
 
 
@@ -255,6 +328,12 @@ function policy.plan()
         plan.problems[#plan.problems + 1] = {
           subject = name, severity = decision.severity or "error",
           problem = decision.problem, advice = decision.advice,
+        }
+      end
+      for _, p in ipairs(decision.problems or {}) do
+        plan.problems[#plan.problems + 1] = {
+          subject = name, severity = p.severity or "error",
+          problem = p.problem, advice = p.advice,
         }
       end
     end
@@ -325,6 +404,9 @@ function policy.check()
     add("phase %s", phase.name)
     for _, c in ipairs(phase.components) do
       add("  %-24s %-9s %s", c.name, c.decision.state, c.decision.reason or "")
+      for _, item in ipairs(c.decision.items or {}) do
+        add("    %-5s %-22s %s", item.kind, item.name, item.path)
+      end
     end
   end
   local ok = proceeds(plan)

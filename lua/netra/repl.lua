@@ -64,13 +64,22 @@ end
 
 local render
 
+--- "table 0x..." for a table (its address, whatever __tostring says).
+local function address(t)
+  local mt = getmetatable(t)
+  if type(mt) == "table" and mt.__tostring then
+    return ("table %s"):format(("%p"):format(t))
+  end
+  return (tostring(t):gsub("^table: ", "table "))
+end
+
 --- Renders a table: sequences first without keys, then sorted keys.
 local function render_table(t, indent, path)
   if path[t] then
-    return ("<cycle: %s>"):format(tostring(t))
+    return ("<cycle: %s>"):format(address(t))
   end
   if path.depth >= MAX_DEPTH then
-    return ("<%s: nested too deeply>"):format(tostring(t))
+    return ("<%s: nested too deeply>"):format(address(t))
   end
   local n = #t
   local keys = {}
@@ -141,7 +150,8 @@ function repl.format(n, ...)
   end
   local parts = {}
   for i = 1, n do
-    parts[i] = repl.pretty((select(i, ...)))
+    local v = select(i, ...)
+    parts[i] = type(v) == "string" and v or repl.pretty(v)
   end
   return table.concat(parts, "\n")
 end
@@ -375,11 +385,14 @@ function repl.session(host)
 end
 
 
+--- The error and a traceback of the chunk's frames only.
 local function traceback(msg)
   if type(msg) ~= "string" then
     msg = repl.pretty(msg)
   end
-  return debug.traceback(msg, 2)
+  local text = debug.traceback(msg, 2)
+  local cut = text:find("\n%s*%[C%]: in function 'xpcall'")
+  return cut and text:sub(1, cut - 1) or text
 end
 
 
