@@ -11,10 +11,12 @@
 
 #include "bridge.h"
 #include "config.h"
+#include "console.h"
 #include "disp.h"
 #include "jwt.h"
 #include "log.h"
 #include "policy.h"
+#include "reload.h"
 #include "repl.h"
 #include "repl_term.h"
 #include "runtime.h"
@@ -368,6 +370,7 @@ static int cmd_serve(const options *o) {
         return 1;
     }
     disp_pool *pool = NULL;
+    console *con = console_start(rt, server_port(rt->server));
     server_register_bridge(rt->server, NULL, err, sizeof err);
     health_start(rt->health);
 
@@ -381,8 +384,7 @@ static int cmd_serve(const options *o) {
     while (!sig) {
         sig = wait_signal(&set);
         if (sig == SIGHUP) {
-            log_msg(NLOG_WARN, "netra", "SIGHUP: reload is not available in "
-                                        "this version; ignored");
+            reload_request(rt, "SIGHUP", err, sizeof err);
             sig = 0;
         }
         int outcome = atomic_load(&s.outcome);
@@ -404,6 +406,8 @@ static int cmd_serve(const options *o) {
                 break;
             }
             bridge_set_dispatcher(b, pool, rt->tools);
+            console_set_policy(con, s.policy);
+            console_set_pool(con, pool);
             runtime_set_started(rt);
             log_msg(NLOG_INFO, "netra", "ready in %s on port %d", env,
                     server_port(rt->server));
@@ -415,6 +419,7 @@ static int cmd_serve(const options *o) {
     }
 
     runtime_set_stopping(rt);
+    console_stop(con);
     bridge_cancel_all(b, "the server is shutting down");
     int64_t until = server_now_ms() + grace_ms;
     while (bridge_in_flight(b) > 0 && server_now_ms() < until) {
@@ -500,7 +505,52 @@ static int cmd_repl_local(const options *o) {
     return rc;
 }
 
+static repl_status attach_eval(void *ud, const char *chunk, char **text) {
+    return console_eval(ud, chunk, text);
+}
+
+static char **attach_complete(void *ud, const char *line) {
+    return console_complete(ud, line);
+}
+
+/* `netra repl --attach [PATH]`: evaluates in a running server. With no
+ * PATH, the only socket in the run directory; several or none: exit 2. */
+static int cmd_repl_attach(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    char dir[4096], path[4400], list[8192], err[1024], hello[1024];
+    if (o->attach_path) {
+        snprintf(path, sizeof path, "%s", o->attach_path);
+    } else {
+        console_run_dir(cfg, dir, sizeof dir);
+        int n = console_find(dir, path, sizeof path, list, sizeof list);
+        if (n != 1) {
+            if (n == 0)
+                fprintf(stderr, "netra repl: no control socket in %s - is "
+                        "netra serve running (console on)? Or give the "
+                        "path: --attach PATH\n", dir);
+            else
+                fprintf(stderr, "netra repl: %d control sockets in %s; "
+                        "pick one with --attach PATH:\n%s", n, dir, list);
+            config_free(cfg);
+            return 2;
+        }
+    }
+    config_free(cfg);
+    console_client *cc = console_connect(path, hello, sizeof hello, err,
+                                         sizeof err);
+    if (!cc) {
+        fprintf(stderr, "netra repl: %s\n", err);
+        return 1;
+    }
+    rterm_evaluator ev = {cc, attach_eval, attach_complete};
+    int rc = rterm_run(&ev, hello, NULL);
+    console_close(cc);
+    return rc;
+}
+
 static int cmd_repl(const options *o) {
+    if (o->attach) return cmd_repl_attach(o);
     return cmd_repl_local(o);
 }
 

@@ -106,6 +106,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
             r->stopped = 2;
     }
     if (r->stopped) {
+        /* From now on every instruction raises, outside pcalls too. */
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
         char msg[128];
         luaL_error(L, "%s", budget_message(r, msg, sizeof msg));
     }
