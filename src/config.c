@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -197,6 +198,7 @@ static bool key_valid(const char *k, size_t n) {
  * on success or the reason it is malformed. */
 static const char *parse_value(const char *p, char *out, size_t n) {
     size_t len = 0;
+    while (*p == ' ' || *p == '\t') p++;
     if (*p == '"' || *p == '\'') {
         char q = *p++;
         while (*p && *p != q) {
@@ -216,6 +218,7 @@ static const char *parse_value(const char *p, char *out, size_t n) {
         while (*p == ' ' || *p == '\t') p++;
         if (*p && *p != '#') return "unexpected text after the closing quote";
     } else {
+        while (*p == ' ' || *p == '\t') p++;
         while (*p && !((*p == '#') && len > 0 && isspace((unsigned char)p[-1]))) {
             if (len + 1 >= n) return "value too long";
             out[len++] = *p++;
@@ -231,6 +234,11 @@ static const char *parse_value(const char *p, char *out, size_t n) {
 
 int config_read_file(config *cfg, const char *path, char *err,
                      size_t err_size) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        snprintf(err, err_size, "%s: not a regular file", path);
+        return -1;
+    }
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, err_size, "%s: cannot open: %s", path, strerror(errno));
@@ -250,9 +258,13 @@ int config_read_file(config *cfg, const char *path, char *err,
         while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
             line[--n] = '\0';
         char *p = line;
+        if (lineno == 1 && !memcmp(p, "\xEF\xBB\xBF", 3)) p += 3; /* BOM */
         while (isspace((unsigned char)*p)) p++;
         if (!*p || *p == '#') continue;
-        if (!strncmp(p, "export ", 7)) p += 7;
+        if (!strncmp(p, "export", 6) && (p[6] == ' ' || p[6] == '\t')) {
+            p += 6;
+            while (*p == ' ' || *p == '\t') p++;
+        }
         char *eq = strchr(p, '=');
         const char *why = NULL;
         if (!eq) why = "expected KEY=VALUE";
@@ -343,7 +355,11 @@ int config_load(config *cfg, char *err, size_t err_size) {
         }
     }
 
-    const char *env = config_get_or(cfg, "ENVIRONMENT", "development");
+    if (config_set(cfg, CONFIG_DEFAULT, "ENVIRONMENT", "development") < 0) {
+        snprintf(err, err_size, "out of memory");
+        return -1;
+    }
+    const char *env = config_get(cfg, "ENVIRONMENT");
     if (!config_environment_valid(env)) {
         snprintf(err, err_size,
                  "unknown environment '%s' - use one of development, test, "

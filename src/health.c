@@ -668,6 +668,17 @@ int health_register(health_registry *reg, const health_spec *spec, char *err,
     health_comp *old = find_locked(reg, spec->name, &at);
     health_ud *old_ud = NULL;
     if (old) {
+        /* A component registered again (a new schedule, a reload) keeps
+         * its last result until its new check reports. */
+        if (old->status != HEALTH_STARTING && !old->held_disabled) {
+            c->status = old->status;
+            snprintf(c->message, sizeof c->message, "%s", old->message);
+            c->observed = old->observed ? cJSON_Duplicate(old->observed, 1)
+                                        : NULL;
+            c->last_mono = old->last_mono;
+            c->last_wall = old->last_wall;
+            c->duration_ms = old->duration_ms;
+        }
         old_ud = comp_detach_locked(old);
         reg->comps[at] = c;
     } else if (comps_reserve_locked(reg)) {

@@ -87,6 +87,30 @@ static void redact_urls(char *buf, size_t n) {
     }
 }
 
+/* Replaces the value of NAME=value where NAME ends in _PASSWORD, _SECRET,
+ * _TOKEN or _KEY (any case), up to the next blank or quote. */
+static void redact_assignments(char *buf, size_t n) {
+    static const char *suffixes[] = {"_password=", "_secret=", "_token=",
+                                     "_key="};
+    static const char mask[] = "[REDACTED]";
+    for (char *p = buf; *p; p++) {
+        for (int i = 0; i < 4; i++) {
+            size_t sl = strlen(suffixes[i]);
+            if (strncasecmp(p, suffixes[i], sl)) continue;
+            char *v = p + sl;
+            size_t vl = strcspn(v, " \t\"',;&");
+            if (!vl || (vl == sizeof mask - 1 && !strncmp(v, mask, vl)))
+                continue;
+            size_t tail = strlen(v + vl) + 1;
+            if ((size_t)(v - buf) + sizeof mask - 1 + tail > n) return;
+            memmove(v + sizeof mask - 1, v + vl, tail);
+            memcpy(v, mask, sizeof mask - 1);
+            p = v + sizeof mask - 2;
+            break;
+        }
+    }
+}
+
 /* Replaces each remembered secret in buf. Called with log_lock held. */
 static void redact_secrets(char *buf, size_t n) {
     static const char mask[] = "[REDACTED]";
@@ -109,6 +133,7 @@ char *log_redact(const char *text, char *out, size_t n) {
     if (n == 0) return out;
     snprintf(out, n, "%s", text ? text : "");
     redact_urls(out, n);
+    redact_assignments(out, n);
     pthread_mutex_lock(&log_lock);
     redact_secrets(out, n);
     pthread_mutex_unlock(&log_lock);
@@ -160,6 +185,7 @@ void log_vreq(log_level level, const char *component, const char *request_id,
     char msg[LOG_LINE_MAX];
     vsnprintf(msg, sizeof msg, fmt, ap);
     redact_urls(msg, sizeof msg);
+    redact_assignments(msg, sizeof msg);
     char when[40];
     format_time(when, sizeof when);
 

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "analytics.h"
 #include "bridge.h"
 #include "config.h"
 #include "console.h"
@@ -290,6 +291,9 @@ static disp_pool *start_pool(runtime *rt) {
         .clickhouse_get_ud = rt->cfg,
         .counter_ud = rt,
         .requests_changed = runtime_requests_changed,
+        .record_ud = rt->analytics,
+        .record = rt->analytics ? analytics_record_call : NULL,
+        .record_event = rt->analytics ? analytics_record_event : NULL,
     };
     disp_pool *pool = disp_pool_new(rt->tools, &pc, err, sizeof err);
     if (!pool) log_msg(NLOG_ERROR, "dispatcher", "%s", err);
@@ -310,12 +314,14 @@ static int cmd_serve(const options *o) {
     server_options so;
     memset(&so, 0, sizeof so);
     char err[1024];
-    long stall_ms, grace_ms;
+    long stall_ms, grace_ms, drain_ms;
     const char *listen = config_get_or(cfg, "NETRA_LISTEN", "127.0.0.1:8080");
     if (server_parse_listen(listen, &so, err, sizeof err) < 0 ||
         config_int(cfg, "NETRA_WATCHDOG_STALL_MS", 2000, 100, 600000,
                    &stall_ms, err, sizeof err) < 0 ||
         config_int(cfg, "NETRA_SHUTDOWN_GRACE_MS", 5000, 0, 600000, &grace_ms,
+                   err, sizeof err) < 0 ||
+        config_int(cfg, "NETRA_SHUTDOWN_DRAIN_MS", 250, 0, 600000, &drain_ms,
                    err, sizeof err) < 0) {
         log_msg(NLOG_ERROR, "netra", "%s", err);
         config_free(cfg);
@@ -418,18 +424,41 @@ static int cmd_serve(const options *o) {
                 "connections (grace %ld ms)", strsignal(sig), grace_ms);
     }
 
+    /* Readiness turns 503 first, while HTTP is still served, so that a
+     * load balancer stops sending; then runs in flight get the grace to
+     * end; what is left is cancelled (runs end with agent_error); then
+     * every client gets 1001. */
     runtime_set_stopping(rt);
     console_stop(con);
-    bridge_cancel_all(b, "the server is shutting down");
-    int64_t until = server_now_ms() + grace_ms;
-    while (bridge_in_flight(b) > 0 && server_now_ms() < until) {
+    server_begin_close(rt->server);
+    int64_t now = server_now_ms();
+    int64_t drain_until = now + drain_ms, grace_until = now + grace_ms;
+    while (server_now_ms() < drain_until) {
         struct timespec ts = {.tv_sec = 0, .tv_nsec = 20 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
-    server_stop(rt->server, (int)grace_ms);
+    while (bridge_in_flight(b) > 0 && server_now_ms() < grace_until) {
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    if (bridge_in_flight(b) > 0) {
+        log_msg(NLOG_INFO, "netra", "cancelling %d request(s) still running "
+                "after the grace period", bridge_in_flight(b));
+        bridge_cancel_all(b, "the server is shutting down");
+        int64_t until = server_now_ms() + 2000;
+        while (bridge_in_flight(b) > 0 && server_now_ms() < until) {
+            struct timespec ts = {.tv_sec = 0, .tv_nsec = 20 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    health_stop(rt->health);
+    server_stop(rt->server, 2000);
     bridge_set_dispatcher(b, NULL, NULL);
     disp_pool_free(pool);
-    health_stop(rt->health);
+    /* What analytics accepted is in the spool; one last send, and the
+     * rest waits there for the next start. */
+    analytics_stop(rt->analytics, (int)grace_ms);
+    rt->analytics = NULL;
     if (!joined) {
         /* The policy is still running (a long connection retry): its
          * thread ends with the process. */

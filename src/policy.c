@@ -5,11 +5,17 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#include <sys/stat.h>
 
 #include <lauxlib.h>
 #include <lualib.h>
 
 #include "bindings.h"
+
+/* A policy file larger than this is refused (it is configuration). */
+#define POLICY_MAX_BYTES (1 << 20)
 
 struct policy {
     runtime *rt;
@@ -40,6 +46,16 @@ static int load_text_file(lua_State *L, const char *path, const char *home) {
     const char *shown = path;
     if (!strncmp(path, home, hl) && path[hl] == '/') shown = path + hl + 1;
 
+    struct stat st;
+    if (stat(path, &st) < 0) {
+        lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
+        return LUA_ERRFILE;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_size > POLICY_MAX_BYTES) {
+        lua_pushfstring(L, "%s is not a regular file of at most %d bytes",
+                        path, POLICY_MAX_BYTES);
+        return LUA_ERRFILE;
+    }
     FILE *f = fopen(path, "rb");
     if (!f) {
         lua_pushfstring(L, "cannot open %s: %s", path, strerror(errno));
@@ -136,8 +152,13 @@ int policy_start(policy *p, char *err, size_t err_size) {
         if (lua_pcall(L, 0, 2, handler) != LUA_OK) {
             snprintf(err, err_size, "policy %s failed: %s", p->path,
                      lua_tostring(L, -1));
-        } else if (lua_toboolean(L, -2)) {
+        } else if (lua_isboolean(L, -2) && lua_toboolean(L, -2)) {
             result = POLICY_OK;
+        } else if (!lua_isnil(L, -2) && !lua_isboolean(L, -2)) {
+            snprintf(err, err_size,
+                     "policy %s: start() returned a %s; it must return true, "
+                     "or nil and the reason it refuses",
+                     p->path, luaL_typename(L, -2));
         } else {
             snprintf(err, err_size, "%s",
                      lua_isstring(L, -1) ? lua_tostring(L, -1)
@@ -168,11 +189,18 @@ int policy_check(policy *p, FILE *out) {
             lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
             for (lua_Integer i = 1; i <= n; i++) {
                 lua_rawgeti(L, -1, i);
-                fprintf(out, "%s\n", lua_tostring(L, -1));
-                lua_pop(L, 1);
+                fprintf(out, "%s\n", luaL_tolstring(L, -1, NULL));
+                lua_pop(L, 2);
             }
         }
-        result = lua_toboolean(L, -2) ? 0 : 1;
+        if (!lua_isboolean(L, -2)) {
+            fprintf(out, "error: policy %s: check() returned a %s; it must "
+                         "return a boolean and the report lines\n",
+                    p->path, luaL_typename(L, -2));
+            result = 2;
+        } else {
+            result = lua_toboolean(L, -2) ? 0 : 1;
+        }
     }
     lua_settop(L, top);
     pthread_mutex_unlock(&p->rt->lua_lock);
@@ -190,7 +218,15 @@ const char *policy_path(const policy *p) {
 void policy_close(policy *p) {
     if (!p) return;
     if (p->L) {
-        pthread_mutex_lock(&p->rt->lua_lock);
+        /* A Lua check stuck in a C call may hold the state: rather than
+         * wait for it at exit, leave the state to the process's end. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 2;
+        if (pthread_mutex_timedlock(&p->rt->lua_lock, &until) != 0) {
+            free(p);
+            return;
+        }
         lua_close(p->L);
         pthread_mutex_unlock(&p->rt->lua_lock);
     }

@@ -47,6 +47,7 @@ typedef struct conn {
     char close_reason[96];
     unsigned char *body; /* HTTP answer waiting for WRITEABLE, LWS_PRE */
     size_t body_len;
+    bool head_only; /* a HEAD request: the headers say the length */
     char *rx; /* the message being reassembled */
     size_t rx_len, rx_cap;
     outmsg *out_head, *out_tail;
@@ -133,7 +134,9 @@ int server_parse_listen(const char *text, server_options *opts, char *err,
         host_len -= 2;
     }
     char *end = NULL;
-    long port = colon ? strtol(colon + 1, &end, 10) : -1;
+    bool digits = colon && colon[1] >= '0' && colon[1] <= '9';
+    bool bracketed = text[0] == '[';
+    long port = digits ? strtol(colon + 1, &end, 10) : -1;
     if (!colon || host_len == 0 || host_len >= sizeof opts->host ||
         !end || *end || end == colon + 1 || port < 0 || port > 65535) {
         snprintf(err, err_size,
@@ -144,6 +147,13 @@ int server_parse_listen(const char *text, server_options *opts, char *err,
     }
     memcpy(opts->host, host, host_len);
     opts->host[host_len] = '\0';
+    if (bracketed != (strchr(opts->host, ':') != NULL)) {
+        snprintf(err, err_size,
+                 "listen address: write IPv6 addresses in brackets "
+                 "([::1]:8080) and IPv4 ones without, got '%s'",
+                 text);
+        return -1;
+    }
     if (!strcmp(opts->host, "localhost"))
         snprintf(opts->host, sizeof opts->host, "127.0.0.1");
     struct in6_addr a6;
@@ -177,7 +187,7 @@ static bool wants_detail(server *srv, struct lws *wsi) {
     if (open_env && peer_is_loopback(wsi)) return true;
 
     const char *token = config_get(srv->rt->cfg, "NETRA_ADMIN_TOKEN");
-    char auth[1024];
+    char auth[JWT_MAX_TOKEN + 64];
     if (!token ||
         lws_hdr_copy(wsi, auth, sizeof auth, WSI_TOKEN_HTTP_AUTHORIZATION) <= 0)
         return false;
@@ -238,7 +248,7 @@ static int answer_health(server *srv, conn *c, struct lws *wsi,
     runtime_phase(rt, phase, sizeof phase);
     bool detail = wants_detail(srv, wsi);
 
-    if (!strcmp(path, "/health") || !strcmp(path, "/health/")) {
+    if (!strcmp(path, "/health")) {
         int v = detail ? 1 : 0;
         int64_t now = server_now_ms();
         if (!srv->snapshot[v] || now - srv->snapshot_ms[v] >= SNAPSHOT_MS) {
@@ -268,7 +278,9 @@ static int answer_health(server *srv, conn *c, struct lws *wsi,
                       simple_doc(ready ? "pass" : "fail", "phase", phase));
     }
     const char *name = path + strlen("/health/");
-    cJSON *doc = health_render_component(rt->health, name, detail);
+    cJSON *doc = name[0] && !strchr(name, '/')
+                     ? health_render_component(rt->health, name, detail)
+                     : NULL;
     if (!doc)
         return answer(c, wsi, 404, type,
                       simple_doc("fail", "output", "no such component"));
@@ -278,9 +290,12 @@ static int answer_health(server *srv, conn *c, struct lws *wsi,
 }
 
 static int on_http(server *srv, conn *c, struct lws *wsi, const char *path) {
-    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
+    bool head = lws_hdr_total_length(wsi, WSI_TOKEN_HEAD_URI) > 0;
+    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0 && !head)
         return answer(c, wsi, 405, "application/json",
-                      simple_doc("fail", "output", "only GET is served"));
+                      simple_doc("fail", "output", "only GET and HEAD are "
+                                                   "served"));
+    c->head_only = head;
     if (!strncmp(path, "/health", 7) &&
         (path[7] == '\0' || path[7] == '/'))
         return answer_health(srv, c, wsi, path);
@@ -696,6 +711,11 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason,
 
     case LWS_CALLBACK_HTTP_WRITEABLE:
         if (!c || !c->body) return 0;
+        if (c->head_only) {
+            free(c->body);
+            c->body = NULL;
+            return lws_http_transaction_completed(wsi) ? -1 : 0;
+        }
         if (lws_write(wsi, c->body + LWS_PRE, c->body_len,
                       LWS_WRITE_HTTP_FINAL) < (int)c->body_len) {
             free(c->body);
@@ -790,6 +810,20 @@ static void *watchdog_main(void *arg) {
     return NULL;
 }
 
+/* libwebsockets' own log lines, through netra's logger. */
+static void lws_log_line(int level, const char *line) {
+    char text[512];
+    snprintf(text, sizeof text, "%s", line);
+    size_t n = strlen(text);
+    while (n && (text[n - 1] == '\n' || text[n - 1] == '\r')) text[--n] = 0;
+    /* lws prefixes a time stamp and a level letter: keep the message. */
+    const char *msg = text;
+    const char *mark = strstr(text, "] ");
+    if (mark && text[0] == '[') msg = mark + 2;
+    if (msg[0] && msg[1] == ':' && msg[2] == ' ') msg += 3;
+    log_msg(level & LLL_ERR ? NLOG_ERROR : NLOG_WARN, "lws", "%s", msg);
+}
+
 static void set_start_state(server *srv, int state, const char *why) {
     pthread_mutex_lock(&srv->lock);
     srv->start_state = state;
@@ -812,7 +846,10 @@ static void *service_main(void *arg) {
     /* An IPv4 iface on an IPv6 build would listen everywhere. */
     if (!strchr(srv->opts.host, ':'))
         info.options |= LWS_SERVER_OPTION_DISABLE_IPV6;
-    lws_set_log_level(LLL_ERR, NULL);
+    else
+        info.options |= LWS_SERVER_OPTION_IPV6_V6ONLY_MODIFY |
+                        LWS_SERVER_OPTION_IPV6_V6ONLY_VALUE;
+    lws_set_log_level(LLL_ERR | LLL_WARN, lws_log_line);
 
     srv->ctx = lws_create_context(&info);
     srv->vhost = srv->ctx ? lws_get_vhost_by_name(srv->ctx, "default") : NULL;

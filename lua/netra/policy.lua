@@ -34,6 +34,21 @@ local function clickhouse_configured()
 end
 
 
+--- The ClickHouse client settings from the configuration, with the
+--- connection rules of this environment.
+local function clickhouse_settings()
+  local cfg = {}
+  for _, key in ipairs({ "CLICKHOUSE_URL", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT",
+    "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DB", "CLICKHOUSE_SECURE" }) do
+    cfg[key] = netra.config.get(key)
+  end
+  cfg.connect_timeout_ms = rules.connect.timeout_ms
+  cfg.timeout_ms = rules.connect.query_timeout_ms or 10000
+  cfg.retries = 0
+  return cfg
+end
+
+
 --- Each component: its type, and how to decide, start and check it.
 --- decide() returns a decision:
 ---   { state = "required" | "optional" | "disabled", reason = "...",
@@ -93,6 +108,26 @@ policy.components.clickhouse = {
         reason = "not configured and " .. why,
       }
     end
+    local parsed, note = netra.clickhouse.settings(clickhouse_settings())
+    if not parsed then
+      return {
+        state = required and "required" or "optional",
+        reason = why,
+        severity = "error",
+        problem = "ClickHouse settings are not usable: " .. tostring(note),
+        advice = "fix CLICKHOUSE_URL (http[s]://user:password@host:port/db) "
+          .. "or CLICKHOUSE_HOST/CLICKHOUSE_PORT",
+      }
+    end
+    if note and note ~= "" then
+      return {
+        state = required and "required" or "optional",
+        reason = why,
+        severity = "warning",
+        problem = "ClickHouse: " .. tostring(note),
+        advice = "remove the settings that are ignored",
+      }
+    end
     return { state = required and "required" or "optional", reason = why }
   end,
   start = function(decision, spec)
@@ -103,27 +138,12 @@ policy.components.clickhouse = {
       netra.health.set("clickhouse", "disabled", decision.reason)
       return true
     end
-    if decision.problem then
+    if decision.problem and decision.severity == "error" then
       return nil, decision.problem .. " - " .. decision.advice
     end
     return policy.connect_clickhouse(decision, spec)
   end,
 }
-
-
---- The ClickHouse client settings from the configuration, with the
---- connection rules of this environment.
-local function clickhouse_settings()
-  local cfg = {}
-  for _, key in ipairs({ "CLICKHOUSE_URL", "CLICKHOUSE_HOST", "CLICKHOUSE_PORT",
-    "CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_DB", "CLICKHOUSE_SECURE" }) do
-    cfg[key] = netra.config.get(key)
-  end
-  cfg.connect_timeout_ms = rules.connect.timeout_ms
-  cfg.timeout_ms = rules.connect.query_timeout_ms or 10000
-  cfg.retries = 0
-  return cfg
-end
 
 
 --- Connects to ClickHouse within this environment's budget: attempts
@@ -160,6 +180,11 @@ function policy.connect_clickhouse(decision, spec)
     end
   until not more
 
+  -- The check has a client of its own, bounded by the check's timeout.
+  local check_settings = clickhouse_settings()
+  check_settings.connect_timeout_ms = spec.check.timeout_ms
+  check_settings.timeout_ms = spec.check.timeout_ms
+  local probe = assert(netra.clickhouse.new(check_settings))
   netra.health.register({
     name = "clickhouse",
     type = spec.type,
@@ -173,14 +198,14 @@ function policy.connect_clickhouse(decision, spec)
     check = function()
       local t0 = netra.startup.now_ms()
       local alive, why
-      if client:connected() then
-        alive, why = client:ping()
+      if probe:connected() then
+        alive, why = probe:ping()
       else
-        alive, why = client:connect()
+        alive, why = probe:connect()
       end
       local took = netra.startup.now_ms() - t0
       if alive then
-        return "healthy", ("ClickHouse %s answered in %d ms"):format(client:version(), took), took
+        return "healthy", ("ClickHouse %s answered in %d ms"):format(probe:version(), took), took
       end
       return "unhealthy", tostring(why)
     end,
@@ -276,6 +301,28 @@ policy.components.tools = {
   end,
 }
 
+policy.components.analytics = {
+  type = "component",
+  decide = function()
+    local ch = policy.components.clickhouse.decide()
+    if ch.state == "disabled" then
+      return { state = "optional",
+        reason = "ClickHouse is disabled: events go to the local JSON-lines file" }
+    end
+    return { state = "optional",
+      reason = "events are spooled (NETRA_SPOOL_DIR), then sent to ClickHouse" }
+  end,
+  start = function()
+    local status = netra.health.get("clickhouse")
+    local mode = (status and status.status == "disabled") and "local" or "clickhouse"
+    local ok, err = netra.analytics.start({ mode = mode })
+    if not ok then
+      return nil, err .. " - set NETRA_SPOOL_DIR (or NETRA_EVENTS_FILE) to a writable path"
+    end
+    return true
+  end,
+}
+
 --- Settings that are not components but can stop startup or warn.
 policy.settings = {
   {
@@ -306,7 +353,7 @@ policy.settings = {
 --- Phases in order, each naming its components in start order.
 policy.phases = {
   { name = "listener", components = { "agent_websocket_bridge" } },
-  { name = "datastores", components = { "clickhouse" } },
+  { name = "datastores", components = { "clickhouse", "analytics" } },
   { name = "tools", components = { "tools" } },
 }
 
@@ -369,12 +416,16 @@ end
 ---@return string|nil message why startup is refused
 function policy.start()
   local plan = policy.plan()
+  local errors = {}
   for _, p in ipairs(plan.problems) do
     if p.severity == "warning" then
       netra.log.warn("policy", p.problem .. " - " .. p.advice)
-    elseif p.subject ~= "clickhouse" then
-      return nil, p.problem .. " - " .. p.advice
+    else
+      errors[#errors + 1] = p.problem .. " - " .. p.advice
     end
+  end
+  if #errors > 0 then
+    return nil, table.concat(errors, "; ")
   end
   for _, phase in ipairs(plan.phases) do
     netra.startup.phase(phase.name)

@@ -92,7 +92,10 @@ static void test_env_file(void **state) {
     (void)state;
     config *c = config_new();
     char err[512];
-    const char *path = write_tmp("# comment\n"
+    const char *path = write_tmp("\xEF\xBB\xBF# comment after a BOM\n"
+                                 "export  G=two spaces\n"
+                                 "H=   padded\n"
+                                 "# comment\n"
                                  "\n"
                                  "A=plain value  \n"
                                  "export B=exported\n"
@@ -107,8 +110,15 @@ static void test_env_file(void **state) {
     assert_string_equal(config_get(c, "D"), "single $x \\n");
     assert_string_equal(config_get(c, "E"), "value");
     assert_null(config_get(c, "F"));
+    assert_string_equal(config_get(c, "G"), "two spaces");
+    assert_string_equal(config_get(c, "H"), "padded");
     config_free(c);
     unlink(path);
+
+    c = config_new();
+    assert_int_equal(config_read_file(c, "/tmp", err, sizeof err), -1);
+    assert_non_null(strstr(err, "not a regular file"));
+    config_free(c);
 }
 
 static void expect_bad_line(const char *text, int line, const char *why) {

@@ -317,7 +317,9 @@ static void add_expect_error(const char *name, const char *body,
     int rc = agent ? disp_registry_add_agent(reg, p, err, sizeof err)
                    : disp_registry_add_tool(reg, p, err, sizeof err);
     assert_int_equal(rc, -1);
-    if (!strstr(err, p)) fail_msg("error does not name %s: %s", p, err);
+    /* the sandbox may show the path relative to the lua dir's parent */
+    const char *tail = strstr(p, "/netra/");
+    if (!strstr(err, tail)) fail_msg("error does not name %s: %s", p, err);
     if (!strstr(err, want)) fail_msg("want '%s' in: %s", want, err);
     free(first);
     free(p);

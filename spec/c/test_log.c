@@ -77,6 +77,12 @@ static void test_redaction(void **state) {
     free(out);
 
     char buf[128];
+    log_redact("set CLICKHOUSE_PASSWORD=hunter2 and api_key='k1' ok", buf,
+               sizeof buf);
+    assert_string_equal(buf, "set CLICKHOUSE_PASSWORD=[REDACTED] and "
+                             "api_key='k1' ok");
+    log_redact("NETRA_JWT_SECRET=abc,X_TOKEN=def", buf, sizeof buf);
+    assert_string_equal(buf, "NETRA_JWT_SECRET=[REDACTED],X_TOKEN=[REDACTED]");
     log_redact("ftp://a:b@c no password here", buf, sizeof buf);
     assert_string_equal(buf, "ftp://a:***@c no password here");
     log_redact("http://host:8123/path", buf, sizeof buf);
