@@ -579,6 +579,14 @@ static int cmd_repl_attach(const options *o) {
 }
 
 static int cmd_repl(const options *o) {
+    if (o->serve) {
+        /* TODO: serve in this process beside the prompt; attaching to a
+         * separate `netra serve` gives the same live state meanwhile. */
+        fprintf(stderr, "netra repl: --serve is not available in this "
+                        "version - run `netra serve` and then `netra repl "
+                        "--attach`\n");
+        return 2;
+    }
     if (o->attach) return cmd_repl_attach(o);
     return cmd_repl_local(o);
 }
