@@ -294,11 +294,14 @@ int reload_collect(reload *r) {
     if (!r) return 0;
     gen *done = NULL;
     int left = 0;
+    /* An attached console session may hold a retired generation's
+     * policy and pool: keep them all until it ends. */
+    bool pinned = atomic_load(&r->rt->pins) > 0;
     pthread_mutex_lock(&r->lock);
     gen **p = &r->retired;
     while (*p) {
         gen *g = *p;
-        if (disp_pool_in_flight(g->pool) == 0) {
+        if (!pinned && disp_pool_in_flight(g->pool) == 0) {
             *p = g->next;
             g->next = done;
             done = g;
@@ -328,7 +331,31 @@ void reload_counts(reload *r, unsigned long *generation,
 
 policy *reload_current_policy(runtime *rt) {
     reload *r = rt ? rt->reload : NULL;
-    return r && r->cur ? r->cur->policy : NULL;
+    if (!r) return NULL;
+    pthread_mutex_lock(&r->lock);
+    policy *p = r->cur ? r->cur->policy : NULL;
+    pthread_mutex_unlock(&r->lock);
+    return p;
+}
+
+disp_pool *reload_current_pool(runtime *rt) {
+    reload *r = rt ? rt->reload : NULL;
+    if (!r) return NULL;
+    pthread_mutex_lock(&r->lock);
+    disp_pool *pool = r->cur ? r->cur->pool : NULL;
+    pthread_mutex_unlock(&r->lock);
+    return pool;
+}
+
+int reload_request(runtime *rt, const char *who, char *err, size_t size) {
+    if (!rt->reload) {
+        snprintf(err, size, "the server is still starting: reload once it "
+                            "is ready");
+        log_msg(NLOG_WARN, "reload", "%s asked for a reload: %s", who, err);
+        return -1;
+    }
+    log_msg(NLOG_INFO, "reload", "%s asked for a reload", who);
+    return netra_reload(rt, err, size);
 }
 
 void reload_free(reload *r) {

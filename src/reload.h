@@ -60,6 +60,13 @@ void reload_counts(reload *r, unsigned long *generation,
  * reload replaces it under that lock). */
 policy *reload_current_policy(runtime *rt);
 
+/* The pool of the generation serving now, or NULL before the first. */
+disp_pool *reload_current_pool(runtime *rt);
+
+/* Reloads for `who` (named in the log: "SIGHUP", "operator uid=1000"):
+ * netra_reload, or -1 with err when the server is not ready yet. */
+int reload_request(runtime *rt, const char *who, char *err, size_t err_size);
+
 /* At shutdown, after bridge_set_dispatcher(b, NULL, NULL) and
  * health_stop, and before rt->analytics goes (the pools record into it):
  * frees every pool (cancelling what still runs) and closes every policy

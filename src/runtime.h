@@ -32,6 +32,8 @@ typedef struct runtime {
     bool stopping;
 
     pthread_mutex_t lua_lock; /* held by whoever runs the policy's state */
+    atomic_int pins; /* console sessions holding a generation's policy and
+                        pool: reload keeps retired ones while > 0 */
 
     struct disp_registry *tools; /* what the policy registered (owned;
                                     NULL until the first registration) */
