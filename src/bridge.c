@@ -256,19 +256,6 @@ static void leave_pool(bridge *b) {
  * caller calls leave_pool once the request is submitted (or refused). */
 static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
                          const char *thread_id, bool is_run) {
-    pthread_mutex_lock(&b->lock);
-    bconn *c = find_conn(b, conn_id);
-    char user[CTX_ID_MAX + 1] = "";
-    if (c) snprintf(user, sizeof user, "%s", c->user_id);
-    disp_pool *pool = b->pool;
-    if (c && pool) b->entering++;
-    pthread_mutex_unlock(&b->lock);
-    if (!c) return NULL;
-    if (!pool) {
-        send_error(b, conn_id, raw_id, DISP_BUSY,
-                   "busy: the dispatcher is not running - retry shortly");
-        return NULL;
-    }
     /* Once shutdown began no request starts: it could outlive the
      * server and its final event would reach nobody. */
     bool stopping = false;
@@ -281,6 +268,20 @@ static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
         send_error(b, conn_id, raw_id, DISP_BUSY,
                    "busy: the server is shutting down - reconnect and "
                    "retry");
+        return NULL;
+    }
+
+    pthread_mutex_lock(&b->lock);
+    bconn *c = find_conn(b, conn_id);
+    char user[CTX_ID_MAX + 1] = "";
+    if (c) snprintf(user, sizeof user, "%s", c->user_id);
+    disp_pool *pool = b->pool;
+    if (c && pool) b->entering++;
+    pthread_mutex_unlock(&b->lock);
+    if (!c) return NULL;
+    if (!pool) {
+        send_error(b, conn_id, raw_id, DISP_BUSY,
+                   "busy: the dispatcher is not running - retry shortly");
         return NULL;
     }
 
