@@ -15,6 +15,7 @@
 #include "log.h"
 #include "policy.h"
 #include "runtime.h"
+#include "scenario.h"
 #include "server.h"
 
 static const char usage_text[] =
@@ -31,6 +32,9 @@ static const char usage_text[] =
     "  token --user NAME [--ttl SECONDS] [--env NAME]\n"
     "                 print a client token signed with NETRA_JWT_SECRET\n"
     "                 (default ttl 3600), alone on stdout\n"
+    "  run SCRIPT.lua [ARGS]\n"
+    "                 run a scenario (netra.scenario, doc/scenarios.md);\n"
+    "                 TAP on stdout, exit 0 only when every assertion held\n"
     "  version        print the version\n"
     "  help, --help   print this text\n"
     "\n"
@@ -441,6 +445,8 @@ static int cmd_serve(const options *o) {
 }
 
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "run"))
+        return scenario_main(argc - 2, argv + 2);
     options o;
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc;
