@@ -66,10 +66,19 @@ static int setup_log(config *cfg, char *err, size_t err_size) {
     return 0;
 }
 
-/* start(env, settings) -> runtime | nil, err */
+/* start(env, settings, unset) -> runtime | nil, err */
 static int l_start(lua_State *L) {
     const char *env = luaL_optstring(L, 1, NULL);
     char err[2048];
+    if (lua_istable(L, 3)) {
+        /* Names to drop from the process environment first (it is read
+         * by config_load); see scenario.h. */
+        for (lua_Integer i = 1; i <= luaL_len(L, 3); i++) {
+            lua_rawgeti(L, 3, i);
+            if (lua_isstring(L, -1)) unsetenv(lua_tostring(L, -1));
+            lua_pop(L, 1);
+        }
+    }
     config *cfg = config_new();
     if (!cfg) return luaL_error(L, "out of memory");
     if (env) config_set(cfg, CONFIG_FLAG, "ENVIRONMENT", env);
@@ -77,10 +86,11 @@ static int l_start(lua_State *L) {
         lua_pushnil(L);
         while (lua_next(L, 2)) {
             if (lua_type(L, -2) == LUA_TSTRING) {
+                const char *key = lua_tostring(L, -2);
                 const char *v = lua_isboolean(L, -1)
                                     ? (lua_toboolean(L, -1) ? "true" : "false")
                                     : luaL_tolstring(L, -1, NULL);
-                config_set(cfg, CONFIG_FLAG, lua_tostring(L, -2), v);
+                config_set(cfg, CONFIG_FLAG, key, v);
                 if (!lua_isboolean(L, -1)) lua_pop(L, 1);
             }
             lua_pop(L, 1);

@@ -2,7 +2,10 @@
  * `netra.scenario.core`, the C half of the Lua module `netra.scenario`
  * (lua/netra/scenario.lua; doc/scenarios.md has the API):
  *
- *   start(env, settings)        -> runtime | nil, err   (serve.h, in process)
+ *   start(env, settings, unset) -> runtime | nil, err   (serve.h, in process)
+ *     settings win as flags; the names in `unset` are removed from the
+ *     process environment first (unsetenv: call it before other threads
+ *     of the run read the environment, i.e. before the first start)
  *     rt:port(), rt:state() -> "starting"|"ready"|"refused"[, why],
  *     rt:setting(key), rt:stop()
  *   log_to(path | nil)          runtime log lines to a file, or stderr

@@ -575,7 +575,7 @@ end
 --- Writes a diagnostic line (# ...) into the TAP stream.
 ---@param msg any
 function Scenario:diag(msg)
-  diag_lines(msg)
+  diag_lines(type(msg) == "string" and msg or show(msg))
 end
 
 --- Calls fn every interval_ms until it returns a truthy value or
@@ -621,7 +621,9 @@ end
 --- Starts a runtime in this process on a free loopback port. Options:
 --- env (development, test, staging, production), settings (a table of
 --- extra settings, as flags: they win over the environment and the env
---- file), policy (a policy file, NETRA_POLICY), wait (default true: wait
+--- file), unset (names to remove from the process environment first,
+--- e.g. { "CLICKHOUSE_URL" }), policy (a policy file, NETRA_POLICY),
+--- wait (default true: wait
 --- until ready or refused), timeout_ms, log ("file", the default, or
 --- "stderr"). Returns the runtime, or nil and why it could not listen.
 ---@param opts? table
@@ -650,7 +652,7 @@ function Scenario:start(opts)
     run.log_mode = mode
   end
   local log_from = run.log_path and file_size(run.log_path) or 0
-  local handle, err = core.start(opts.env, settings)
+  local handle, err = core.start(opts.env, settings, opts.unset)
   if not handle then
     return nil, err
   end
