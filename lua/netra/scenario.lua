@@ -6,6 +6,7 @@
 --- TAP on stdout; `netra run` exits 0 only when every assertion held and
 --- the script did not raise. Everything listens on and talks to 127.0.0.1.
 --- doc/scenarios.md describes the API with an example.
+-- luacheck: ignore 212/self
 local core = require("netra.scenario.core")
 local netra = require("netra")
 
@@ -154,7 +155,8 @@ end
 ---@param method string
 ---@param params? table
 function Client:notify(method, params)
-  local ok, err = self.ws:send(core.json_encode({ jsonrpc = "2.0", method = method, params = params }))
+  local msg = { jsonrpc = "2.0", method = method, params = params }
+  local ok, err = self.ws:send(core.json_encode(msg))
   if not ok then
     return nil, err
   end
@@ -173,7 +175,8 @@ function Client:request(method, params, timeout_ms)
   end
   self.next_id = self.next_id + 1
   local id = self.next_id
-  local ok, err = self.ws:send(core.json_encode({ jsonrpc = "2.0", id = id, method = method, params = params or {} }))
+  local out = { jsonrpc = "2.0", id = id, method = method, params = params or {} }
+  local ok, err = self.ws:send(core.json_encode(out))
   if not ok then
     return nil, err
   end
@@ -221,7 +224,8 @@ end
 ---@return string|nil run_id
 ---@return string|table|nil thread_id_or_error
 function Client:start_run(agent, input, thread_id)
-  local result, err = self:request("agents/run", { name = agent, input = input or {}, thread_id = thread_id })
+  local params = { name = agent, input = input or {}, thread_id = thread_id }
+  local result, err = self:request("agents/run", params)
   if not result then
     return nil, type(err) == "table" and err.message or err
   end
@@ -476,7 +480,8 @@ function ClickHouse:_script(cmd)
   end
   local ok, _, code = os.execute(line .. " 1>&2")
   if not ok then
-    return nil, ("clickhouse.sh %s failed (exit %s); see %s/log"):format(cmd, tostring(code), self.dir)
+    return nil, ("clickhouse.sh %s failed (exit %s); see %s/log"):format(
+      cmd, tostring(code), self.dir)
   end
   return true
 end
@@ -555,20 +560,30 @@ function Scenario:ok(cond, name, diagnostic)
   return not not cond
 end
 
---- Asserts got equals want (tables compared deeply).
+--- Asserts got equals want (tables compared deeply); `diagnostic` is
+--- shown under a failure after got and expected.
+---@param name string
+---@param diagnostic? string
 ---@return boolean
-function Scenario:is(got, want, name)
-  return self:ok(deep_equal(got, want), name,
-    ("       got: %s\n  expected: %s"):format(show(got), show(want)))
+function Scenario:is(got, want, name, diagnostic)
+  local text = ("       got: %s\n  expected: %s"):format(show(got), show(want))
+  if diagnostic and diagnostic ~= "" then
+    text = text .. "\n" .. diagnostic
+  end
+  return self:ok(deep_equal(got, want), name, text)
 end
 
 --- Asserts text matches a Lua pattern.
 ---@param text any
 ---@param pattern string
+---@param name string
 ---@return boolean
 function Scenario:like(text, pattern, name)
   local matched = type(text) == "string" and text:find(pattern) ~= nil
-  local shown = type(text) == "string" and #text > 2000 and (text:sub(1, 2000) .. "...") or show(text)
+  local shown = show(text)
+  if type(text) == "string" and #text > 2000 then
+    shown = text:sub(1, 2000) .. "..."
+  end
   return self:ok(matched, name, ("  %s\n  does not match %q"):format(shown, pattern))
 end
 

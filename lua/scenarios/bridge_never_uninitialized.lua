@@ -43,8 +43,9 @@ local function poll()
   local bstatus = bridge and bridge.status
   seen.statuses[tostring(bstatus)] = true
   if not bstatus or not scenario.statuses[bstatus] then
-    seen.bad[#seen.bad + 1] = ("phase %s: bridge status %s"):format(tostring(doc.netra and doc.netra.phase),
-      tostring(bstatus))
+    local phase = doc.netra and doc.netra.phase
+    seen.bad[#seen.bad + 1] = ("phase %s: bridge status %s"):format(
+      tostring(phase), tostring(bstatus))
   end
   local phase = doc.netra and doc.netra.phase
   if phase ~= "ready" then
@@ -67,7 +68,8 @@ local became_ready = s:wait_for(function()
   return poll() == "ready"
 end, 30000, 25)
 s:ok(became_ready, "the runtime becomes ready")
-s:ok(seen.before_ready > 0, "/health was read before ready", ("%d poll(s) before ready"):format(seen.before_ready))
+s:ok(seen.before_ready > 0, "/health was read before ready",
+  ("%d poll(s) before ready"):format(seen.before_ready))
 
 local function connections_become(n, what)
   local got
