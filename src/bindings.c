@@ -12,6 +12,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "analytics.h"
 #include "bind_clickhouse.h"
 #include "bind_disp.h"
 #include "log.h"
@@ -627,6 +628,96 @@ static const luaL_Reg server_funcs[] = {
     {NULL, NULL},
 };
 
+/* ---- netra.analytics ---------------------------------------------------------- */
+
+/* The directory for netra's own state: NETRA_STATE_DIR, else
+ * $XDG_STATE_HOME/netra, else ~/.local/state/netra, else /var/lib/netra. */
+static void state_dir(runtime *rt, char *out, size_t n) {
+    const char *dir = config_get(rt->cfg, "NETRA_STATE_DIR");
+    const char *xdg = config_get(rt->cfg, "XDG_STATE_HOME");
+    const char *home = config_get(rt->cfg, "HOME");
+    if (dir) snprintf(out, n, "%s", dir);
+    else if (xdg) snprintf(out, n, "%s/netra", xdg);
+    else if (home) snprintf(out, n, "%s/.local/state/netra", home);
+    else snprintf(out, n, "/var/lib/netra");
+}
+
+/* netra.analytics.start{mode = "clickhouse" | "local"}: starts the
+ * analytics thread for this process (once). Returns true, or nil and the
+ * reason. Outside `netra serve` it does nothing and returns true. */
+static int l_analytics_start(lua_State *L) {
+    runtime *rt = rt_of(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *mode = opt_str_field(L, 1, "mode", "clickhouse");
+    if (strcmp(mode, "clickhouse") && strcmp(mode, "local"))
+        return luaL_argerror(L, 1, "mode must be \"clickhouse\" or \"local\"");
+    if (!rt->server || rt->dry_run || rt->analytics) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    char state[2048], spool_dir[2200], events[2200], err[1024];
+    state_dir(rt, state, sizeof state);
+    int port = server_port(rt->server);
+    const char *sd = config_get(rt->cfg, "NETRA_SPOOL_DIR");
+    const char *ef = config_get(rt->cfg, "NETRA_EVENTS_FILE");
+    if (sd) snprintf(spool_dir, sizeof spool_dir, "%s", sd);
+    else snprintf(spool_dir, sizeof spool_dir, "%s/spool-%d", state, port);
+    if (ef) snprintf(events, sizeof events, "%s", ef);
+    else snprintf(events, sizeof events, "%s/events-%d.jsonl", state, port);
+    long max_mb;
+    if (config_int(rt->cfg, "NETRA_SPOOL_MAX_BYTES", 1L << 30, 4096,
+                   1L << 40, &max_mb, err, sizeof err) < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
+    analytics_config ac = {
+        .mode = strcmp(mode, "local") ? ANALYTICS_CLICKHOUSE : ANALYTICS_LOCAL,
+        .clickhouse_url = NULL,
+        .spool_dir = spool_dir,
+        .spool_max_bytes = (uint64_t)max_mb,
+        .events_file = events,
+        .health = rt->health,
+    };
+    /* The analytics thread needs a URL: make one from the settings. */
+    char url[2048] = "";
+    const char *given = config_get(rt->cfg, "CLICKHOUSE_URL");
+    if (given) {
+        snprintf(url, sizeof url, "%s", given);
+    } else if (config_get(rt->cfg, "CLICKHOUSE_HOST")) {
+        bool secure = false;
+        config_bool(rt->cfg, "CLICKHOUSE_SECURE", false, &secure, err,
+                    sizeof err);
+        snprintf(url, sizeof url, "%s://%s:%s@%s:%s/%s",
+                 secure ? "https" : "http",
+                 config_get_or(rt->cfg, "CLICKHOUSE_USER", "default"),
+                 config_get_or(rt->cfg, "CLICKHOUSE_PASSWORD", ""),
+                 config_get(rt->cfg, "CLICKHOUSE_HOST"),
+                 config_get_or(rt->cfg, "CLICKHOUSE_PORT",
+                               secure ? "8443" : "8123"),
+                 config_get_or(rt->cfg, "CLICKHOUSE_DB", "default"));
+    }
+    ac.clickhouse_url = url[0] ? url : NULL;
+    rt->analytics = analytics_start(&ac, err, sizeof err);
+    if (!rt->analytics) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "[analytics] %s", err);
+        return 2;
+    }
+    log_msg(NLOG_INFO, "analytics", "%s",
+            ac.mode == ANALYTICS_LOCAL
+                ? "ClickHouse disabled: events go to the local JSON-lines "
+                  "file"
+                : "events are spooled, then sent to ClickHouse");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static const luaL_Reg analytics_funcs[] = {
+    {"start", l_analytics_start},
+    {NULL, NULL},
+};
+
 /* ---- the module ---------------------------------------------------------------- */
 
 static void add_section(lua_State *L, runtime *rt, const char *name,
@@ -650,6 +741,7 @@ int bindings_push(lua_State *L, runtime *rt) {
     add_section(L, rt, "health", health_funcs);
     add_section(L, rt, "startup", startup_funcs);
     add_section(L, rt, "server", server_funcs);
+    add_section(L, rt, "analytics", analytics_funcs);
     bind_clickhouse(L);
     lua_setfield(L, -2, "clickhouse");
     bind_disp(L, rt);

@@ -430,6 +430,9 @@ static cJSON *event_new(job *j, const char *type) {
 /* Sends an event to this request's sink (no lock is held here). */
 static void emit(job *j, cJSON *ev) {
     if (!ev) return;
+    disp_pool *p = j->d->pool;
+    if (p->cfg.record_event && j->d->agent_name[0])
+        p->cfg.record_event(p->cfg.record_ud, ev);
     if (j->d->sink.event) j->d->sink.event(j->d->sink.ud, ev);
     else cJSON_Delete(ev);
 }

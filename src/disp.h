@@ -95,6 +95,9 @@ typedef struct {
     void (*requests_changed)(void *ud, int delta);
     void *record_ud;
     void (*record)(void *ud, const disp_call_record *rec);
+    /* Each event of an agent run, before it goes to the sink (worker
+     * thread; must not block or keep the event). */
+    void (*record_event)(void *ud, const cJSON *event);
 } disp_pool_config;
 
 /* Starts the workers, each loading every tool and agent of reg. Returns

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "analytics.h"
 #include "bridge.h"
 #include "config.h"
 #include "disp.h"
@@ -269,6 +270,9 @@ static disp_pool *start_pool(runtime *rt) {
         .clickhouse_get_ud = rt->cfg,
         .counter_ud = rt,
         .requests_changed = runtime_requests_changed,
+        .record_ud = rt->analytics,
+        .record = rt->analytics ? analytics_record_call : NULL,
+        .record_event = rt->analytics ? analytics_record_event : NULL,
     };
     disp_pool *pool = disp_pool_new(rt->tools, &pc, err, sizeof err);
     if (!pool) log_msg(NLOG_ERROR, "dispatcher", "%s", err);
@@ -427,6 +431,10 @@ static int cmd_serve(const options *o) {
     server_stop(rt->server, 2000);
     bridge_set_dispatcher(b, NULL, NULL);
     disp_pool_free(pool);
+    /* What analytics accepted is in the spool; one last send, and the
+     * rest waits there for the next start. */
+    analytics_stop(rt->analytics, (int)grace_ms);
+    rt->analytics = NULL;
     if (!joined) {
         /* The policy is still running (a long connection retry): its
          * thread ends with the process. */

@@ -15,6 +15,7 @@
 #include "health.h"
 
 struct server;
+struct analytics;
 struct disp_registry;
 
 typedef struct runtime {
@@ -22,6 +23,7 @@ typedef struct runtime {
     health_registry *health; /* owned */
     struct server *server;   /* NULL outside `netra serve` */
     bool dry_run;            /* `netra check`: decide, never connect */
+    struct analytics *analytics; /* started by the policy, or NULL */
 
     pthread_mutex_t lock;    /* guards phase and started */
     char phase[32];          /* "starting", "policy", ..., "ready" */

@@ -301,6 +301,28 @@ policy.components.tools = {
   end,
 }
 
+policy.components.analytics = {
+  type = "component",
+  decide = function()
+    local ch = policy.components.clickhouse.decide()
+    if ch.state == "disabled" then
+      return { state = "optional",
+        reason = "ClickHouse is disabled: events go to the local JSON-lines file" }
+    end
+    return { state = "optional",
+      reason = "events are spooled (NETRA_SPOOL_DIR), then sent to ClickHouse" }
+  end,
+  start = function()
+    local status = netra.health.get("clickhouse")
+    local mode = (status and status.status == "disabled") and "local" or "clickhouse"
+    local ok, err = netra.analytics.start({ mode = mode })
+    if not ok then
+      return nil, err .. " - set NETRA_SPOOL_DIR (or NETRA_EVENTS_FILE) to a writable path"
+    end
+    return true
+  end,
+}
+
 --- Settings that are not components but can stop startup or warn.
 policy.settings = {
   {
@@ -331,7 +353,7 @@ policy.settings = {
 --- Phases in order, each naming its components in start order.
 policy.phases = {
   { name = "listener", components = { "agent_websocket_bridge" } },
-  { name = "datastores", components = { "clickhouse" } },
+  { name = "datastores", components = { "clickhouse", "analytics" } },
   { name = "tools", components = { "tools" } },
 }
 
