@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "analytics.h"
 #include "bridge.h"
 #include "disp.h"
 #include "log.h"
@@ -74,6 +75,9 @@ static disp_pool *make_pool(runtime *rt, char *err, size_t err_size) {
         .clickhouse_get_ud = rt->cfg,
         .counter_ud = rt,
         .requests_changed = runtime_requests_changed,
+        .record_ud = rt->analytics,
+        .record = rt->analytics ? analytics_record_call : NULL,
+        .record_event = rt->analytics ? analytics_record_event : NULL,
     };
     return disp_pool_new(rt->tools, &pc, err, err_size);
 }
@@ -247,6 +251,10 @@ void serve_stop(serve *s) {
     server_stop(rt->server, 2000);
     bridge_set_dispatcher(s->bridge, NULL, NULL);
     disp_pool_free(s->pool);
+    /* What analytics accepted is in the spool; one last send, and the
+     * rest waits there for the next start. */
+    analytics_stop(rt->analytics, (int)s->grace_ms);
+    rt->analytics = NULL;
     health_free(rt->health);
     rt->health = NULL;
     policy_close(s->policy);

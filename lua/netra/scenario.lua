@@ -648,7 +648,7 @@ function Scenario:start(opts)
   opts = opts or {}
   local dir = run_dir()
   local settings = { NETRA_LISTEN = "127.0.0.1:0", NETRA_SPOOL_DIR = dir .. "/spool",
-    NETRA_RUN_DIR = dir .. "/run" }
+    NETRA_RUN_DIR = dir .. "/run", NETRA_EVENTS_FILE = dir .. "/events.jsonl" }
   for k, v in pairs(opts.settings or {}) do
     settings[k] = v
   end
