@@ -501,7 +501,17 @@ end
 ---@return boolean|nil ok
 ---@return string|nil err
 function ClickHouse:start()
+  self.started = true
   local ok, err = self:_script("start")
+  -- A free port can be taken by someone else before the server binds it:
+  -- the first start tries again on another one.
+  for _ = 1, 2 do
+    if ok or self.port then
+      break
+    end
+    self:_script("stop")
+    ok, err = self:_script("start")
+  end
   if ok then
     self:_read_address()
   end
@@ -730,7 +740,7 @@ function M.finish(raised)
     rt:stop()
   end
   for _, ch in ipairs(run.clickhouses) do
-    if ch.address then
+    if ch.started then
       ch:stop()
     end
   end

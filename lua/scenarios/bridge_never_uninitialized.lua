@@ -60,7 +60,12 @@ end
 
 -- Before ready: live answers, ready says 503, the bridge is real.
 s:is((rt:get("/health/live")), 200, "/health/live answers at once")
-local rstatus, rdoc = rt:health("/health/ready")
+-- The policy is loaded first (phase "policy"), then holds.
+local rstatus, rdoc
+s:wait_for(function()
+  rstatus, rdoc = rt:health("/health/ready")
+  return type(rdoc) == "table" and rdoc.phase == "scenario_hold"
+end, 5000, 10)
 s:is(rstatus, 503, "/health/ready is 503 while the policy runs")
 s:is(type(rdoc) == "table" and rdoc.phase, "scenario_hold", "and names the phase")
 
