@@ -14,6 +14,7 @@
 #include "disp.h"
 #include "log.h"
 #include "policy.h"
+#include "reload.h"
 #include "server.h"
 
 struct serve {
@@ -35,22 +36,9 @@ static void sleep_ms(long ms) {
     nanosleep(&ts, NULL);
 }
 
-static const char *config_getter(void *ud, const char *key) {
-    return config_get(ud, key);
-}
-
-/* Makes the worker pool from what the policy registered. Returns NULL
- * with err filled. */
+/* Makes the worker pool from what the policy registered, as `netra
+ * serve` does. Returns NULL with err filled. */
 static disp_pool *make_pool(runtime *rt, char *err, size_t err_size) {
-    long workers, per_user, queue_max;
-    if (config_int(rt->cfg, "NETRA_WORKERS", 0, 0, 1024, &workers, err,
-                   err_size) < 0 ||
-        config_int(rt->cfg, "NETRA_MAX_INFLIGHT_PER_USER", 16, 1, 100000,
-                   &per_user, err, err_size) < 0 ||
-        config_int(rt->cfg, "NETRA_QUEUE_MAX", 256, 1, 1000000, &queue_max,
-                   err, err_size) < 0)
-        return NULL;
-
     if (!rt->tools) {
         char dir[4096];
         snprintf(dir, sizeof dir, "%s/lua", config_home(rt->cfg));
@@ -60,26 +48,7 @@ static disp_pool *make_pool(runtime *rt, char *err, size_t err_size) {
             return NULL;
         }
     }
-
-    health_info info;
-    bool ch_off = health_get(rt->health, "clickhouse", &info) != 0 ||
-                  info.status == HEALTH_DISABLED;
-    disp_pool_config pc = {
-        .workers = (int)workers,
-        .queue_max = (int)queue_max,
-        .max_inflight_per_user = (int)per_user,
-        .time_ms = rt->tool_budget.time_ms,
-        .instructions = rt->tool_budget.instructions,
-        .memory_bytes = rt->tool_budget.memory_bytes,
-        .clickhouse_get = ch_off ? NULL : config_getter,
-        .clickhouse_get_ud = rt->cfg,
-        .counter_ud = rt,
-        .requests_changed = runtime_requests_changed,
-        .record_ud = rt->analytics,
-        .record = rt->analytics ? analytics_record_call : NULL,
-        .record_event = rt->analytics ? analytics_record_event : NULL,
-    };
-    return disp_pool_new(rt->tools, &pc, err, err_size);
+    return reload_pool_new(rt, rt->tools, err, err_size);
 }
 
 /* The startup thread: the policy, then the pool, then ready. */

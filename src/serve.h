@@ -4,9 +4,10 @@
  * the orderly stop (readiness off, drain, grace, cancel, 1001).
  *
  * `netra run` scenarios start runtimes in process through this part.
- * TODO: cmd_serve in main.c still has its own copy of these steps (the
- * REPL and reload work is changing it at the same time); it can become
- * serve_start + a signal loop + serve_stop once those have landed.
+ * TODO: cmd_serve in main.c still has its own copy of these steps, and
+ * more: the control socket (console) and SIGHUP reload generations,
+ * which in-process runtimes do not have yet. cmd_serve can become
+ * serve_start + a signal loop + serve_stop once serve grows those.
  *
  * Threads: serve_start and serve_stop belong to one owning thread; the
  * getters may be called from any thread. */
