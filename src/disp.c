@@ -1013,8 +1013,9 @@ static bool sql_guard(const char *sql, char *why, size_t size) {
     for (int i = 0; first_ok[i] && !ok; i++)
         ok = n == strlen(first_ok[i]) && !strncasecmp(p, first_ok[i], n);
     if (!ok) {
-        snprintf(why, size, "ctx.clickhouse: only SELECT, WITH, SHOW, "
-                 "DESCRIBE and EXISTS statements are allowed (the query "
+        snprintf(why, size, "ctx.clickhouse is read-only: only SELECT, "
+                 "WITH, SHOW, DESCRIBE and EXISTS statements are allowed "
+                 "(the query "
                  "starts with '%.*s')", (int)(n < 20 ? n : 20), p);
         return false;
     }
