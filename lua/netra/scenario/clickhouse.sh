@@ -9,6 +9,8 @@
 # The server has the default user (no password) and the user netra_test
 # with the password in DIR/password.
 set -euo pipefail
+# A sanitized test run preloads ASan into its children; not into ClickHouse.
+unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS
 
 cmd=${1:?usage: clickhouse.sh start|stop|kill|restart DIR [PORT]}
 dir=${2:?usage: clickhouse.sh start|stop|kill|restart DIR [PORT]}
