@@ -151,6 +151,7 @@ static const char *const tools_src[][2] = {
                     "local x <close> = setmetatable({}, { __close = "
                     "function() ctx:emit('closed', {}) end })\n"
                     " error('boom in closer')")},
+    {"float", TOOL("float", "{ type = 'object' }", "return 0.1 + 0.2")},
     {"chguard", TOOL("chguard", "{ type = 'object' }",
                      "local r, e = ctx.clickhouse:query(args.sql)\n"
                      " return e or 'rows'")},
@@ -1124,6 +1125,14 @@ static void test_close_runs_on_error(void **state) {
     coll_free(c);
 }
 
+/* D8: a number returned alone reads back as the same double. */
+static void test_float_round_trips(void **state) {
+    (void)state;
+    coll *c = call("alice", "float", "{}");
+    assert_string_equal(text_of(c->result), "0.30000000000000004");
+    coll_free(c);
+}
+
 /* D18: ctx.clickhouse refuses writes, KILL and table functions. */
 static void test_clickhouse_guard(void **state) {
     (void)state;
@@ -1181,6 +1190,7 @@ int main(void) {
         cmocka_unit_test(test_agent_cancelled_in_nested_call),
         cmocka_unit_test(test_close_runs_on_error),
         cmocka_unit_test(test_clickhouse_guard),
+        cmocka_unit_test(test_float_round_trips),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
