@@ -21,6 +21,7 @@
 #include "repl.h"
 #include "repl_term.h"
 #include "runtime.h"
+#include "scenario.h"
 #include "server.h"
 
 static const char usage_text[] =
@@ -42,6 +43,9 @@ static const char usage_text[] =
     "                 applied (--serve: serving too); --attach evaluates\n"
     "                 in a running server through its control socket;\n"
     "                 stdin not a terminal: run it as a script\n"
+    "  run SCRIPT.lua [ARGS]\n"
+    "                 run a scenario (netra.scenario, doc/scenarios.md);\n"
+    "                 TAP on stdout, exit 0 only when every assertion held\n"
     "  version        print the version\n"
     "  help, --help   print this text\n"
     "\n"
@@ -575,6 +579,8 @@ static int cmd_repl(const options *o) {
 }
 
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "run"))
+        return scenario_main(argc - 2, argv + 2);
     options o;
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc;

@@ -43,13 +43,15 @@ static const char *config_getter(void *ud, const char *key) {
 
 static disp_pool *make_pool(runtime *rt, disp_registry *reg,
                             const budget *bud, char *err, size_t err_size) {
-    long workers, per_user, queue_max;
+    long workers, per_user, queue_max, max_result;
     if (config_int(rt->cfg, "NETRA_WORKERS", 0, 0, 1024, &workers, err,
                    err_size) < 0 ||
         config_int(rt->cfg, "NETRA_MAX_INFLIGHT_PER_USER", 16, 1, 100000,
                    &per_user, err, err_size) < 0 ||
         config_int(rt->cfg, "NETRA_QUEUE_MAX", 256, 1, 1000000, &queue_max,
-                   err, err_size) < 0)
+                   err, err_size) < 0 ||
+        config_int(rt->cfg, "NETRA_MAX_RESULT_BYTES", 4L << 20, 1024,
+                   1L << 30, &max_result, err, err_size) < 0)
         return NULL;
 
     health_info info;
@@ -59,6 +61,7 @@ static disp_pool *make_pool(runtime *rt, disp_registry *reg,
         .workers = (int)workers,
         .queue_max = (int)queue_max,
         .max_inflight_per_user = (int)per_user,
+        .max_result_bytes = max_result,
         .time_ms = bud->time_ms,
         .instructions = bud->instructions,
         .memory_bytes = bud->memory_bytes,

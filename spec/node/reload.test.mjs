@@ -13,7 +13,7 @@ const SLOW = `return {
   name = "slow",
   description = "Spins for the given seconds, then answers.",
   inputSchema = { type = "object", properties = { seconds = { type = "number" } } },
-  budget = { time_ms = 20000, instructions = 100000000000 },
+  budget = { time_ms = 20000, instructions = 10000000000 },
   handler = function(_, args)
     local t0 = os.clock()
     while os.clock() - t0 < args.seconds do end
