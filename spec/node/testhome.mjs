@@ -91,7 +91,7 @@ return {
   name = "wait",
   description = "Waits input.ms milliseconds (test only).",
   inputSchema = { type = "object", properties = { ms = { type = "integer" } } },
-  budget = { time_ms = 120000, instructions = 2000000000000 },
+  budget = { time_ms = 120000, instructions = 10000000000 },
   run = function(ctx, input)
     ctx:think("waiting")
     local stop = os.clock() + (input.ms or 60000) / 1000
@@ -109,7 +109,7 @@ return {
   name = "chatty",
   description = "Thinks aloud a lot (test only).",
   inputSchema = { type = "object" },
-  budget = { time_ms = 60000, instructions = 2000000000000,
+  budget = { time_ms = 60000, instructions = 10000000000,
              memory_bytes = 256 * 1024 * 1024 },
   run = function(ctx, input)
     local text = string.rep("y", 1024 * (input.kb or 64))
