@@ -1,7 +1,7 @@
 // A private NETRA_HOME for node tests: a copy of the repository's lua/ and
 // config/ with test-only tools and agents added. Nothing in the real tree
 // changes.
-import { cpSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { home, httpJson, waitFor } from './support.mjs';
@@ -124,8 +124,14 @@ return {
 };
 
 /** Makes a NETRA_HOME copy with the test tools and agents; returns its path. */
+const made = [];
+process.on('exit', () => {
+  for (const dir of made) rmSync(dir, { recursive: true, force: true });
+});
+
 export function testHome() {
   const dir = mkdtempSync(join(tmpdir(), 'netra-home-'));
+  made.push(dir);
   cpSync(join(home, 'lua'), join(dir, 'lua'), { recursive: true });
   cpSync(join(home, 'config'), join(dir, 'config'), { recursive: true });
   for (const [f, text] of Object.entries(TEST_TOOLS))
