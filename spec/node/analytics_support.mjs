@@ -3,8 +3,9 @@
 // `analytics` health component, and drive echo traffic from several
 // clients while keeping exact books of which calls were answered.
 // Everything stays on 127.0.0.1.
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Client, home, httpJson, waitFor } from './support.mjs';
@@ -14,7 +15,7 @@ const clickhouseSh = join(home, 'spec/support/clickhouse.sh');
 /** A fresh scratch directory (under NETRA_TEST_DIR when set). */
 export function scratch(prefix) {
   const base = process.env.NETRA_TEST_DIR || tmpdir();
-  execFileSync('mkdir', ['-p', base]);
+  mkdirSync(base, { recursive: true });
   return mkdtempSync(join(base, `${prefix}-`));
 }
 
@@ -50,24 +51,26 @@ export function sharedClickHouse() {
 
 /**
  * A private ClickHouse under a scratch directory; start() picks a port
- * the first time and keeps it for later starts. Call remove() at the end.
+ * the first time and keeps it for later starts (all return promises).
+ * Call remove() at the end.
  */
 export function privateClickHouse(prefix = 'ch') {
   const dir = scratch(prefix);
-  const run = (...args) => execFileSync(clickhouseSh, args, { stdio: ['ignore', 'ignore', 'inherit'], timeout: 90000 });
+  // Asynchronous, so that client traffic goes on while a server starts.
+  const run = (...args) => promisify(execFile)(clickhouseSh, args, { timeout: 90000 });
   const ch = {
     dir,
     port: undefined,
     get addr() { return `127.0.0.1:${ch.port}`; },
     get url() { return `http://default:@127.0.0.1:${ch.port}/default`; },
-    start() {
-      run('start', dir, ...(ch.port ? [String(ch.port)] : []));
+    async start() {
+      await run('start', dir, ...(ch.port ? [String(ch.port)] : []));
       ch.port = Number(readFileSync(join(dir, 'port'), 'utf8').trim());
     },
-    kill() { run('kill', dir); },
-    stop() { run('stop', dir); },
-    remove() {
-      try { run('kill', dir); } catch { /* already gone */ }
+    async kill() { await run('kill', dir); },
+    async stop() { await run('stop', dir); },
+    async remove() {
+      try { await run('kill', dir); } catch { /* already gone */ }
       rmSync(dir, { recursive: true, force: true });
     },
   };
@@ -141,12 +144,13 @@ export function newBooks() {
 
 /**
  * Runs echo traffic from one client until `limit()` says stop or the
- * connection ends: up to `window` calls in flight, each text unique
+ * connection ends: up to `window` calls in flight (each loop resting
+ * pauseMs after an answer), each text unique
  * (`${user}:${tag}:${n}`). Calls answered with a result go to
  * books.answered; calls without an answer go to books.lost; a JSON-RPC
  * error or an isError result is kept in books.errors.
  */
-export async function echoLoop(client, books, { tag, window = 4, limit }) {
+export async function echoLoop(client, books, { tag, window = 4, limit, pauseMs = 0 }) {
   let n = 0;
   const one = async () => {
     while (!client.closed && limit()) {
@@ -155,6 +159,7 @@ export async function echoLoop(client, books, { tag, window = 4, limit }) {
       if (r === null) { books.lost.add(text); return; }
       if (r.result && !r.result.isError) books.answered.add(text);
       else books.errors.push(r);
+      if (pauseMs) await sleep(pauseMs);
     }
   };
   await Promise.all(Array.from({ length: window }, one));
