@@ -77,9 +77,13 @@ export function privateClickHouse(prefix = 'ch') {
   return ch;
 }
 
-/** The `analytics` component: {status, message, observed}. */
+/**
+ * The `analytics` component: {status, message, observed}. Outside test
+ * and development, set srv.adminToken (NETRA_ADMIN_TOKEN) to get details.
+ */
 export async function analyticsHealth(srv) {
-  const { body } = await httpJson(srv.port, '/health');
+  const headers = srv.adminToken ? { Authorization: `Bearer ${srv.adminToken}` } : {};
+  const { body } = await httpJson(srv.port, '/health', headers);
   return body.netra.components.analytics;
 }
 
