@@ -10,6 +10,7 @@ import { startNetra } from './support.mjs';
 import {
   EchoClient, checkExactlyOnce, echoLoop, echoTexts, newBooks, privateClickHouse, scratch,
   sleep, waitAnalytics,
+  stopWithin,
 } from './analytics_support.mjs';
 import { waitFor } from './support.mjs';
 
@@ -57,7 +58,7 @@ test('three kill -9 of netra at random moments under traffic: answered calls arr
   t.diagnostic(`ClickHouse FINAL rows ${counts.rows}, answered ${counts.answered}, ` +
     `written but unanswered ${counts.extra} (of ${books.lost.size} in flight at the kills)`);
   assert.ok(counts.rows >= books.answered.size);
-  await srv.stop();
+  await stopWithin(srv);
 });
 
 test('ClickHouse down, calls, kill -9 of netra, ClickHouse up, netra again: all calls arrive', async () => {
@@ -79,5 +80,5 @@ test('ClickHouse down, calls, kill -9 of netra, ClickHouse up, netra again: all 
   await waitAnalytics(again, (o) => o.pending === 0, 90000, 'the spool to drain');
   const counts = checkExactlyOnce(assert, await echoTexts(ch.addr, users), books);
   assert.equal(counts.rows, N);
-  await again.stop();
+  await stopWithin(again);
 });

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { startNetra } from './support.mjs';
 import {
   EchoClient, chRows, echoLoop, newBooks, privateClickHouse, scratch, waitAnalytics,
+  stopWithin,
 } from './analytics_support.mjs';
 
 const ch = privateClickHouse('damage-ch');
@@ -48,7 +49,7 @@ async function spoolCalls(user, n, env) {
   assert.equal(books.answered.size, n);
   await waitAnalytics(srv, (o) => o.pending === n, 30000, `${n} events pending`);
   c.close();
-  await srv.stop();
+  await stopWithin(srv);
   srv = undefined;
 }
 

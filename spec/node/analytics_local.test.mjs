@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { startNetra, Client, bin, home, waitFor } from './support.mjs';
-import { EchoClient, analyticsHealth, echoLoop, newBooks, scratch, waitAnalytics } from './analytics_support.mjs';
+import { EchoClient, analyticsHealth, echoLoop, newBooks, scratch, waitAnalytics, stopWithin } from './analytics_support.mjs';
 
 // Nothing listens on the discard port of the loopback: ClickHouse is down.
 const DOWN = 'http://default:@127.0.0.1:9/default';
@@ -47,7 +47,7 @@ describe('the spool', () => {
         .reduce((n, f) => n + statSync(join(spool, f)).size, 0);
       assert.ok(bytes <= 65536, `the segments take ${bytes} bytes`);
     } finally {
-      await srv.stop();
+      await stopWithin(srv);
     }
   });
 
@@ -68,7 +68,7 @@ describe('the spool', () => {
       // The first one is untouched.
       assert.equal((await analyticsHealth(first)).observed.mode, 'clickhouse');
     } finally {
-      await first.stop();
+      await stopWithin(first);
     }
   });
 });
@@ -123,7 +123,7 @@ describe('local mode (staging without ClickHouse)', () => {
       await c.close();
       await waitAnalytics(srv, (o) => o.accepted === calls + 1 + 3 + runEvents.length, 20000, 'every event written');
     } finally {
-      await srv.stop();
+      await stopWithin(srv);
     }
 
     const { files, lines } = eventLines(file);
@@ -152,7 +152,7 @@ describe('local mode (staging without ClickHouse)', () => {
     const again = await startNetra({ args: ['--env', 'staging'], env: { ...env, NETRA_EVENTS_FILE: file } });
     again.adminToken = ADMIN;
     await waitFor(async () => (await analyticsHealth(again)).observed.mode === 'local');
-    await again.stop();
+    await stopWithin(again);
     assert.equal(eventLines(file).lines.length, before);
     assert.ok(!existsSync(join(state, `spool-${again.port}`)));
   });

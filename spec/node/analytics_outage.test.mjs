@@ -9,6 +9,7 @@ import { startNetra, Client, waitFor } from './support.mjs';
 import {
   EchoClient, chRows, checkExactlyOnce, echoLoop, echoTexts, newBooks, privateClickHouse,
   scratch, sleep, waitAnalytics,
+  stopWithin,
 } from './analytics_support.mjs';
 
 const N = 1500;
@@ -17,18 +18,22 @@ const dir = scratch('outage');
 let srv;
 
 after(async () => {
-  await srv?.stop();
+  await stopWithin(srv);
   await ch.remove();
   rmSync(dir, { recursive: true, force: true });
 });
 
 /** Runs daily_brief once; resolves with the events the client saw. */
 async function agentRun(c) {
-  const r = await c.rpc('agents/run', { name: 'daily_brief', input: {} });
-  const runId = r.result.run_id;
-  await c.waitMessage((m) => m.method === 'netra/event' && m.params.run_id === runId &&
-    /^agent_(completed|error)$/.test(m.params.type), 30000);
-  return { runId, events: c.events((e) => e.run_id === runId) };
+  try {
+    const r = await c.rpc('agents/run', { name: 'daily_brief', input: {} });
+    const runId = r.result.run_id;
+    await c.waitMessage((m) => m.method === 'netra/event' && m.params.run_id === runId &&
+      /^agent_(completed|error)$/.test(m.params.type), 30000);
+    return { runId, events: c.events((e) => e.run_id === runId) };
+  } catch (e) {
+    throw new Error(`agent run: ${e.message.slice(0, 300)}\nnetra's log:\n${srv.log().slice(-4000)}`);
+  }
 }
 
 test('kill -9 of ClickHouse mid-traffic: every call answered, every event delivered once', async () => {

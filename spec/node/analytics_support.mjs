@@ -197,3 +197,18 @@ export function checkExactlyOnce(assert, texts, books) {
 }
 
 export function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+
+/**
+ * Stops netra with SIGTERM; when it has not exited within ms, kills it
+ * and throws with its log, so that a hung shutdown fails the test instead
+ * of hanging it.
+ */
+export async function stopWithin(srv, ms = 20000) {
+  if (!srv) return;
+  const done = srv.stop();
+  const timer = sleep(ms).then(() => 'hung');
+  if (await Promise.race([done, timer]) === 'hung') {
+    await srv.kill();
+    throw new Error(`netra did not stop within ${ms} ms of SIGTERM:\n${srv.log()}`);
+  }
+}

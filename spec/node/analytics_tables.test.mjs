@@ -6,7 +6,7 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { startNetra, Client } from './support.mjs';
-import { chQuery, chRows, chNumber, scratch, sharedClickHouse, waitAnalytics } from './analytics_support.mjs';
+import { chQuery, chRows, chNumber, scratch, sharedClickHouse, waitAnalytics, stopWithin } from './analytics_support.mjs';
 
 describe('analytics tables', () => {
   let addr, db, srv, dir;
@@ -29,7 +29,7 @@ describe('analytics tables', () => {
   });
 
   after(async () => {
-    await srv?.stop();
+    await stopWithin(srv);
     if (db) await chQuery(addr, `DROP DATABASE IF EXISTS ${db}`);
     rmSync(dir, { recursive: true, force: true });
   });
