@@ -66,6 +66,7 @@ test('ClickHouse down, calls, kill -9 of netra, ClickHouse up, netra again: all 
   const spool = `${dir}/spool-b`;
   const users = [`crash_${process.pid}_down`];
   const books = newBooks();
+  if (!ch.port) await ch.start(); // the test above may not have got that far
   await ch.stop();
   const srv = await netra(spool);
   const c = await EchoClient.connect(srv.url(), users[0]);

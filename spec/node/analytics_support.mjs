@@ -64,7 +64,15 @@ export function privateClickHouse(prefix = 'ch') {
     get addr() { return `127.0.0.1:${ch.port}`; },
     get url() { return `http://default:@127.0.0.1:${ch.port}/default`; },
     async start() {
-      await run('start', dir, ...(ch.port ? [String(ch.port)] : []));
+      // One more try when the machine is too busy for the first.
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await run('start', dir, ...(ch.port ? [String(ch.port)] : []));
+          break;
+        } catch (e) {
+          if (attempt >= 2) throw e;
+        }
+      }
       ch.port = Number(readFileSync(join(dir, 'port'), 'utf8').trim());
     },
     async kill() { await run('kill', dir); },
