@@ -7,7 +7,7 @@ packages=(
   build-essential cmake pkg-config git curl ca-certificates clang
   liblua5.4-dev lua5.4 libwebsockets-dev libcurl4-openssl-dev libcjson-dev
   libssl-dev libpcre2-dev libedit-dev libcmocka-dev
-  lua-busted lua-check lua-socket
+  lua-busted lua-check lua-socket tmux
   clickhouse-server clickhouse-client
 )
 if [ "${1:-}" = "--bench" ]; then

@@ -90,3 +90,14 @@ endif()
 add_test(NAME luacheck
   COMMAND ${LUACHECK} --no-color lua spec/lua spec/support
   WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+
+# Scenarios (lua/scenarios/*.lua), each run by `netra run`: scenario_<name>.
+file(GLOB NETRA_SCENARIOS CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/lua/scenarios/*.lua)
+foreach(sc ${NETRA_SCENARIOS})
+  get_filename_component(base ${sc} NAME_WE)
+  add_test(NAME scenario_${base} COMMAND netra run ${sc}
+           WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+  set_tests_properties(scenario_${base} PROPERTIES
+    ENVIRONMENT "${NETRA_TEST_ENV}" TIMEOUT 300)
+  netra_test_needs(scenario_${base} ${sc})
+endforeach()

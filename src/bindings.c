@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -230,12 +231,62 @@ static const luaL_Reg log_funcs[] = {
 
 /* A health check written in Lua: a function kept in the registry of the
  * state that registered it, called under rt->lua_lock. */
+/* What a check knows of its state: L, until the state is closed (its
+ * __gc clears it under rt->lua_lock). Shared by the state and each check
+ * registered from it; freed by the last of them, so that a check that
+ * outlives its state (a reload closed it) neither runs nor unrefs. */
+typedef struct {
+    atomic_int refs;
+    lua_State *L;
+} state_anchor;
+
 typedef struct {
     runtime *rt;
-    lua_State *L;
+    state_anchor *anchor;
     int ref;
     int timeout_ms;
 } lua_check;
+
+#define ANCHOR_KEY "netra.state_anchor"
+
+static void anchor_unref(state_anchor *a) {
+    if (a && atomic_fetch_sub(&a->refs, 1) == 1) free(a);
+}
+
+static int anchor_gc(lua_State *L) {
+    state_anchor **slot = lua_touserdata(L, 1);
+    if (*slot) {
+        (*slot)->L = NULL;
+        anchor_unref(*slot);
+        *slot = NULL;
+    }
+    return 0;
+}
+
+/* The anchor of L's main state, made on first use; a new reference for
+ * the caller, or NULL when out of memory. */
+static state_anchor *anchor_of(lua_State *L) {
+    lua_getfield(L, LUA_REGISTRYINDEX, ANCHOR_KEY);
+    state_anchor **slot = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (!slot) {
+        state_anchor *a = calloc(1, sizeof *a);
+        if (!a) return NULL;
+        atomic_init(&a->refs, 1);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+        a->L = lua_tothread(L, -1);
+        lua_pop(L, 1);
+        slot = lua_newuserdatauv(L, sizeof *slot, 0);
+        *slot = a;
+        lua_createtable(L, 0, 1);
+        lua_pushcfunction(L, anchor_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_setmetatable(L, -2);
+        lua_setfield(L, LUA_REGISTRYINDEX, ANCHOR_KEY);
+    }
+    atomic_fetch_add(&(*slot)->refs, 1);
+    return *slot;
+}
 
 typedef struct {
     struct timespec deadline;
@@ -275,7 +326,7 @@ static health_status run_lua_check(void *ud, char *message, size_t size,
                  lc->timeout_ms);
         return HEALTH_UNKNOWN;
     }
-    lua_State *L = lc->L;
+    lua_State *L = lc->anchor->L;
     if (!L) {
         pthread_mutex_unlock(&lc->rt->lua_lock);
         snprintf(message, size, "the Lua state of this check is gone");
@@ -326,8 +377,9 @@ static health_status run_lua_check(void *ud, char *message, size_t size,
 static void free_lua_check(void *ud) {
     lua_check *lc = ud;
     pthread_mutex_lock(&lc->rt->lua_lock);
-    if (lc->L) luaL_unref(lc->L, LUA_REGISTRYINDEX, lc->ref);
+    if (lc->anchor->L) luaL_unref(lc->anchor->L, LUA_REGISTRYINDEX, lc->ref);
     pthread_mutex_unlock(&lc->rt->lua_lock);
+    anchor_unref(lc->anchor);
     free(lc);
 }
 
@@ -390,9 +442,11 @@ static int l_health_register(lua_State *L) {
     }
     if (lua_isfunction(L, -1)) {
         lua_check *lc = calloc(1, sizeof *lc);
-        if (!lc) return luaL_error(L, "out of memory");
+        if (!lc || !(lc->anchor = anchor_of(L))) {
+            free(lc);
+            return luaL_error(L, "out of memory");
+        }
         lc->rt = rt;
-        lc->L = L;
         lc->timeout_ms = spec.timeout_ms > 0 ? spec.timeout_ms : 2000;
         lua_pushvalue(L, -1);
         lc->ref = luaL_ref(L, LUA_REGISTRYINDEX);

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "json.h"
 #include "log.h"
@@ -48,6 +49,8 @@ struct bridge {
     disp_pool *pool;
     disp_registry *reg;
     atomic_int in_flight, runs;
+    int entering; /* requests between reading pool and submitting to it
+                     (guarded by lock; bridge_set_dispatcher waits) */
 };
 
 /* ---- sending ------------------------------------------------------------- */
@@ -222,8 +225,17 @@ static void req_answered(breq *r) {
     pthread_mutex_unlock(&r->b->lock);
 }
 
+/* Ends the step between a request taking the pool and submitting to it
+ * (see bridge_set_dispatcher). */
+static void leave_pool(bridge *b) {
+    pthread_mutex_lock(&b->lock);
+    b->entering--;
+    pthread_mutex_unlock(&b->lock);
+}
+
 /* Makes a request with its context and dispatcher, linked to its
- * connection. Returns NULL after answering the error. */
+ * connection. Returns NULL after answering the error; otherwise the
+ * caller calls leave_pool once the request is submitted (or refused). */
 static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
                          const char *thread_id, bool is_run) {
     pthread_mutex_lock(&b->lock);
@@ -231,6 +243,7 @@ static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
     char user[CTX_ID_MAX + 1] = "";
     if (c) snprintf(user, sizeof user, "%s", c->user_id);
     disp_pool *pool = b->pool;
+    if (c && pool) b->entering++;
     pthread_mutex_unlock(&b->lock);
     if (!c) return NULL;
     if (!pool) {
@@ -240,7 +253,10 @@ static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
     }
 
     breq *r = calloc(1, sizeof *r);
-    if (!r) return NULL;
+    if (!r) {
+        leave_pool(b);
+        return NULL;
+    }
     r->b = b;
     r->conn_id = conn_id;
     r->is_run = is_run;
@@ -256,6 +272,7 @@ static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
                     .conn_id = conn_id};
     netra_ctx *ctx = ctx_new(&f, err, sizeof err);
     if (!ctx) {
+        leave_pool(b);
         send_error(b, conn_id, raw_id, DISP_BAD_PARAMS, err);
         req_free(r);
         return NULL;
@@ -267,6 +284,7 @@ static breq *new_request(bridge *b, uint64_t conn_id, const char *raw_id,
     r->d = disp_new(pool, ctx, &sink, err, sizeof err);
     ctx_unref(ctx);
     if (!r->d) {
+        leave_pool(b);
         send_error(b, conn_id, raw_id, -32603, err);
         req_free(r);
         return NULL;
@@ -348,7 +366,9 @@ static void tools_call(bridge *b, uint64_t conn_id, const char *raw_id,
     char err[512];
     r->answered = true; /* its events precede its result; none is held */
     link_request(b, r);
-    if (disp_call_tool(r->d, name, copy, token, &code, err, sizeof err) < 0) {
+    int rc = disp_call_tool(r->d, name, copy, token, &code, err, sizeof err);
+    leave_pool(b);
+    if (rc < 0) {
         pthread_mutex_lock(&b->lock);
         if (r->conn) {
             r->prev->next = r->next;
@@ -391,7 +411,9 @@ static void agents_run(bridge *b, uint64_t conn_id, const char *raw_id,
     int code = 0;
     char err[512];
     cJSON *copy = input ? cJSON_Duplicate(input, 1) : cJSON_CreateObject();
-    if (disp_run_agent(r->d, name, copy, &code, err, sizeof err) < 0) {
+    int rc = disp_run_agent(r->d, name, copy, &code, err, sizeof err);
+    leave_pool(b);
+    if (rc < 0) {
         pthread_mutex_lock(&b->lock);
         if (r->conn) {
             r->prev->next = r->next;
@@ -586,6 +608,18 @@ void bridge_set_dispatcher(bridge *b, disp_pool *pool, disp_registry *reg) {
     b->reg = reg ? disp_registry_ref(reg) : NULL;
     pthread_mutex_unlock(&b->lock);
     if (old) disp_registry_unref(old);
+
+    /* A request that took the old pool just before the swap submits to
+     * it within microseconds; once none is left, the old pool's
+     * disp_pool_in_flight counts every request it will ever have. */
+    for (;;) {
+        pthread_mutex_lock(&b->lock);
+        int entering = b->entering;
+        pthread_mutex_unlock(&b->lock);
+        if (!entering) break;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 100 * 1000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 void bridge_cancel_all(bridge *b, const char *reason) {

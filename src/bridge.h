@@ -23,7 +23,10 @@ bridge *bridge_new(runtime *rt, server *srv);
 
 /* Sets the dispatcher pool and registry that new requests use (the
  * bridge takes a registry reference; the pool stays the caller's).
- * Requests already running finish where they started. Any thread. */
+ * Requests already running finish where they started. Returns once no
+ * request is still on its way into the previous pool, so that from then
+ * on disp_pool_in_flight(previous) reaching 0 means the previous pool
+ * may be freed. Any thread but the server's service thread. */
 void bridge_set_dispatcher(bridge *b, disp_pool *pool, disp_registry *reg);
 
 /* Cancels every request of every connection (shutdown). Any thread. */

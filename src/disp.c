@@ -18,10 +18,16 @@
 #include "log.h"
 #include "sandbox.h"
 #include "schema.h"
+#include "utf8.h"
 
 #define DISP_MAX_DEPTH 8
 #define USER_BUCKETS 64
 #define POLL_MAX_MS 1000
+#define RECENT_USERS 32 /* per worker, for picking queued jobs fairly */
+
+static const char STALE_CTX[] =
+    "ctx used outside its request: a ctx is valid only during the call "
+    "that received it";
 
 /* ---- small helpers --------------------------------------------------------- */
 
@@ -177,6 +183,17 @@ static int add_file(disp_registry *reg, const char *path, bool agent,
         return -1;
     }
 
+    const cJSON *root_type =
+        cJSON_GetObjectItemCaseSensitive(def.input_schema, "type");
+    if (!cJSON_IsString(root_type) ||
+        strcmp(root_type->valuestring, "object")) {
+        snprintf(err, err_size, "%s: inputSchema: the root must be {type = "
+                 "\"object\"} (MCP sends arguments as an object) - wrap "
+                 "the value in a property", path);
+        sbx_tool_def_free(&def);
+        return -1;
+    }
+
     reg_entry e = {.agent = agent};
     char why[512];
     e.in_schema = schema_compile(def.input_schema, why, sizeof why);
@@ -287,6 +304,7 @@ typedef struct frame {
     int entry;
     char call_id[CTX_NEW_ID_LEN + 1];
     cJSON *args_shown; /* redacted */
+    cJSON *args;       /* a nested call's arguments (owned), or NULL */
     int64_t started_ms;
     double t0;
 } frame;
@@ -306,6 +324,7 @@ struct job {
     frame *frames;
     int depth; /* nested ctx:call frames */
     char *pre_error; /* refused before the handler ran (arguments) */
+    uint64_t serial; /* unique per job: what a Lua ctx points to */
     char user_key[CTX_ID_MAX + 1];
 };
 
@@ -334,6 +353,12 @@ struct worker {
     atomic_int load; /* assigned and unfinished jobs */
 
     job *active; /* worker thread only */
+
+    /* The users whose jobs this worker started last (worker thread only):
+     * the next job is the queued one whose user was served longest ago. */
+    char recent[RECENT_USERS][CTX_ID_MAX + 1];
+    uint64_t recent_seq[RECENT_USERS];
+    uint64_t seq;
 };
 
 struct disp_pool {
@@ -345,6 +370,7 @@ struct disp_pool {
     worker *workers;
     atomic_int in_flight;
     atomic_uint rr;
+    atomic_bool stopping; /* the sandboxes' stop flag */
 
     pthread_mutex_t lock; /* guards users */
     ucount *users[USER_BUCKETS];
@@ -406,6 +432,14 @@ static void user_leave(disp_pool *p, const char *user) {
 }
 
 /* ---- events --------------------------------------------------------------------- */
+
+/* Adds s (NULL: "") as a string member, every byte that is not valid
+ * UTF-8 replaced by U+FFFD: nothing invalid leaves the dispatcher. */
+static void add_text(cJSON *o, const char *k, const char *s) {
+    char *c = utf8_clean(s, s ? strlen(s) : 0);
+    cJSON_AddStringToObject(o, k, c ? c : "");
+    free(c);
+}
 
 static void add_str_or_null(cJSON *o, const char *k, const char *v) {
     if (v) cJSON_AddStringToObject(o, k, v);
@@ -483,12 +517,13 @@ static void frame_pop(job *j, const cJSON *result, const char *status,
         } else {
             cJSON *e = cJSON_AddObjectToObject(ev, "error");
             cJSON_AddStringToObject(e, "code", status);
-            cJSON_AddStringToObject(e, "message", error ? error : status);
+            add_text(e, "message", error ? error : status);
         }
     }
     emit(j, ev);
 
     if (p->cfg.record) {
+        char *clean = error ? utf8_clean(error, strlen(error)) : NULL;
         char event_id[CTX_NEW_ID_LEN + 1];
         char *args = cJSON_PrintUnformatted(f->args_shown);
         ctx_new_id(event_id);
@@ -502,25 +537,28 @@ static void frame_pop(job *j, const cJSON *result, const char *status,
             .tool_call_id = f->call_id,
             .agent_name = j->d->agent_name[0] ? j->d->agent_name : NULL,
             .status = status,
-            .error = error,
+            .error = clean ? clean : error,
             .started_ms = f->started_ms,
             .duration_ms = mono_exact_ms() - f->t0,
             .arguments = args ? args : "{}",
         };
         p->cfg.record(p->cfg.record_ud, &rec);
         free(args);
+        free(clean);
     }
     cJSON_Delete(f->args_shown);
+    cJSON_Delete(f->args);
     free(f);
 }
 
-/* {content: [{type: "text", text}], isError?, structuredContent?} */
+/* {content: [{type: "text", text}], isError?, structuredContent?}; the
+ * text with invalid UTF-8 replaced. */
 static cJSON *call_result(const char *text, cJSON *structured, bool error) {
     cJSON *r = cJSON_CreateObject();
     cJSON *content = cJSON_AddArrayToObject(r, "content");
     cJSON *item = cJSON_CreateObject();
     cJSON_AddStringToObject(item, "type", "text");
-    cJSON_AddStringToObject(item, "text", text ? text : "");
+    add_text(item, "text", text ? text : "");
     cJSON_AddItemToArray(content, item);
     if (structured) cJSON_AddItemToObject(r, "structuredContent", structured);
     if (error) cJSON_AddBoolToObject(r, "isError", true);
@@ -537,20 +575,47 @@ static const char *stop_status(sbx_stop stop) {
     }
 }
 
+static cJSON *too_large(size_t n, int64_t limit) {
+    char msg[200];
+    snprintf(msg, sizeof msg, "result too large (%zu bytes; the limit is "
+             "%lld) - return less or page it", n, (long long)limit);
+    return call_result(msg, NULL, true);
+}
+
+/* A Lua number as text that reads back as the same value. */
+static void number_text(lua_State *L, int idx, char *out, size_t size) {
+    if (lua_isinteger(L, idx)) {
+        snprintf(out, size, "%lld", (long long)lua_tointeger(L, idx));
+        return;
+    }
+    double d = lua_tonumber(L, idx);
+    snprintf(out, size, "%.15g", d);
+    if (strtod(out, NULL) != d) snprintf(out, size, "%.17g", d);
+}
+
 /* Maps a handler's return values (n values from index first of L) to a
- * CallToolResult. *ok tells whether the result is a success. */
+ * CallToolResult. *ok tells whether the result is a success. A result
+ * whose text is longer than limit bytes (0: no limit) is an error. */
 static cJSON *map_result(lua_State *L, int first, int n, const reg_entry *e,
-                         bool *ok) {
+                         int64_t limit, bool *ok) {
     char err[1024];
     int t = n > 0 ? lua_type(L, first) : LUA_TNIL;
     *ok = false;
 
     if (t == LUA_TNIL) {
-        const char *msg = n > 1 ? lua_tostring(L, first + 1) : NULL;
-        snprintf(err, sizeof err, "%s", msg ? msg
-                 : "the tool returned nothing (return a string, a table, "
-                   "or nil and a message)");
-        return call_result(err, NULL, true);
+        size_t len = 0;
+        const char *msg = n > 1 && lua_type(L, first + 1) != LUA_TNIL
+                              ? lua_tolstring(L, first + 1, &len)
+                              : NULL;
+        if (!msg)
+            return call_result("the tool returned nothing (return a "
+                               "string, a table, or nil and a message)",
+                               NULL, true);
+        char *clean = utf8_clean(msg, len < 8192 ? len : 8192);
+        cJSON *r = call_result(clean ? clean : "(out of memory)", NULL,
+                               true);
+        free(clean);
+        return r;
     }
     if (t == LUA_TTABLE) {
         cJSON *json = sbx_table_to_json(L, first, "result", err, sizeof err);
@@ -571,6 +636,13 @@ static cJSON *map_result(lua_State *L, int first, int n, const reg_entry *e,
             return call_result(msg, NULL, true);
         }
         char *text = cJSON_PrintUnformatted(json);
+        size_t tl = text ? strlen(text) : 0;
+        if (!text || (limit > 0 && (int64_t)tl > limit)) {
+            free(text);
+            cJSON_Delete(json);
+            return text ? too_large(tl, limit)
+                        : call_result("out of memory", NULL, true);
+        }
         cJSON *r = call_result(text, json, false);
         free(text);
         *ok = true;
@@ -581,12 +653,33 @@ static cJSON *map_result(lua_State *L, int first, int n, const reg_entry *e,
                  "return a table, not a %s", e->name, lua_typename(L, t));
         return call_result(err, NULL, true);
     }
-    if (t == LUA_TSTRING || t == LUA_TNUMBER || t == LUA_TBOOLEAN) {
-        const char *s = t == LUA_TBOOLEAN
-                            ? (lua_toboolean(L, first) ? "true" : "false")
-                            : lua_tostring(L, first);
+    if (t == LUA_TSTRING) {
+        size_t len, bad;
+        const char *str = lua_tolstring(L, first, &len);
+        if (limit > 0 && (int64_t)len > limit) return too_large(len, limit);
+        if (!utf8_ok(str, len, &bad)) {
+            if (str[bad] == 0)
+                snprintf(err, sizeof err, "tool '%s' returned a string "
+                         "holding a NUL byte (at byte %zu); results are "
+                         "text - remove it, or return a table", e->name,
+                         bad);
+            else
+                snprintf(err, sizeof err, "tool '%s' returned a string "
+                         "that is not valid UTF-8 (at byte %zu) - return "
+                         "text, or encode binary data (e.g. as base64)",
+                         e->name, bad);
+            return call_result(err, NULL, true);
+        }
         *ok = true;
-        return call_result(s, NULL, false);
+        return call_result(str, NULL, false);
+    }
+    if (t == LUA_TNUMBER || t == LUA_TBOOLEAN) {
+        char num[64];
+        if (t == LUA_TNUMBER) number_text(L, first, num, sizeof num);
+        else snprintf(num, sizeof num, "%s",
+                      lua_toboolean(L, first) ? "true" : "false");
+        *ok = true;
+        return call_result(num, NULL, false);
     }
     snprintf(err, sizeof err, "tool '%s' returned a %s; return a string, a "
              "table, or nil and a message", e->name, lua_typename(L, t));
@@ -602,26 +695,55 @@ static const char *result_text(const cJSON *r) {
 
 /* ---- ctx, inside the worker's Lua state -------------------------------------- */
 
-static const char KEY_CTX_MT = 0; /* the ctx metatable */
-static const char KEY_CH = 0;     /* the shared ctx.clickhouse object */
+/* A Lua ctx, its ctx.state and its ctx.clickhouse are userdata holding
+ * the serial of the job they were made for. They work only while that
+ * job runs: the job running now (sbx_current) must have that serial.
+ * Identity always comes from the job's C-side context, never from Lua. */
+#define CTX_MT "netra.ctx"
+#define STATE_MT "netra.ctx.state"
+#define CH_MT "netra.ctx.clickhouse"
+
+typedef struct {
+    uint64_t serial;
+} ctx_box;
+
+static atomic_uint_fast64_t job_serials = 1;
 
 static job *current_job(lua_State *L) {
     sbx_request *req = sbx_current(L);
     return req ? sbx_request_ud(req) : NULL;
 }
 
-static job *check_job(lua_State *L, const char *what) {
+/* The job whose object (of metatable mt) is at idx, when it runs now;
+ * raises otherwise (also when it was cancelled, if check_cancel). */
+static job *owner_job(lua_State *L, int idx, const char *mt,
+                      const char *what, bool check_cancel) {
+    ctx_box *b = luaL_testudata(L, idx, mt);
+    if (!b)
+        luaL_error(L, "%s: call it as a method (with ':') on the ctx your "
+                   "handler received", what);
     job *j = current_job(L);
-    if (!j) luaL_error(L, "%s: only inside a request", what);
-    if (atomic_load(&j->d->cancel))
+    if (!j || j->serial != b->serial) luaL_error(L, "%s", STALE_CTX);
+    if (check_cancel && atomic_load(&j->d->cancel))
         luaL_error(L, "%s", j->d->cancel_reason);
     return j;
 }
 
+static job *check_job(lua_State *L, const char *what) {
+    return owner_job(L, 1, CTX_MT, what, true);
+}
+
 static int l_ctx_emit(lua_State *L) {
     job *j = check_job(L, "ctx:emit");
-    const char *type = luaL_checkstring(L, 2);
+    size_t tlen;
+    const char *type = luaL_checklstring(L, 2, &tlen);
     char err[512];
+    bool plain = tlen > 0 && tlen <= 64 && utf8_ok(type, tlen, NULL);
+    for (size_t i = 0; plain && i < tlen; i++)
+        if ((unsigned char)type[i] < 0x20 || type[i] == 0x7f) plain = false;
+    if (!plain)
+        return luaL_error(L, "ctx:emit: the event type must be 1 to 64 "
+                          "bytes of UTF-8 text without control characters");
     if (!strncmp(type, "tool_", 5) || !strncmp(type, "agent_", 6))
         return luaL_error(L, "ctx:emit: type '%s' is reserved for netra's "
                           "own events; choose another name", type);
@@ -644,7 +766,7 @@ static int l_ctx_think(lua_State *L) {
         return luaL_error(L, "ctx:think: only agents think aloud; a tool "
                           "may use ctx:log or ctx:emit");
     cJSON *ev = event_new(j, "agent_thinking");
-    if (ev) cJSON_AddStringToObject(ev, "text", text);
+    if (ev) add_text(ev, "text", text);
     emit(j, ev);
     return 0;
 }
@@ -668,7 +790,7 @@ static int l_ctx_progress(lua_State *L) {
                           cJSON_Duplicate(j->progress_token, 1));
     cJSON_AddNumberToObject(p, "progress", done);
     if (has_total) cJSON_AddNumberToObject(p, "total", total);
-    if (msg) cJSON_AddStringToObject(p, "message", msg);
+    if (msg) add_text(p, "message", msg);
     j->d->sink.progress(j->d->sink.ud, p);
     lua_pushboolean(L, 1);
     return 1;
@@ -730,7 +852,7 @@ static int call_k(lua_State *L, int status, lua_KContext kctx) {
     }
 
     bool ok;
-    cJSON *r = map_result(L, 2, n, e, &ok);
+    cJSON *r = map_result(L, 2, n, e, 0, &ok);
     frame_pop(j, r, ok ? "ok" : "error", ok ? NULL : result_text(r));
     if (ok) {
         lua_settop(L, 2);
@@ -779,19 +901,18 @@ static int l_ctx_call(lua_State *L) {
         lua_pushstring(L, err);
         return 2;
     }
-    if (!frame_push(j, entry, args)) {
+    frame *f = frame_push(j, entry, args);
+    if (!f) {
         cJSON_Delete(args);
         return luaL_error(L, "ctx:call: out of memory");
     }
+    f->args = args; /* freed with the frame, also if a push below raises */
 
     lua_settop(L, 1);
-    if (sbx_push_handler(j->w->s, L, j->w->refs[entry]) != 0) {
-        cJSON_Delete(args);
+    if (sbx_push_handler(j->w->s, L, j->w->refs[entry]) != 0)
         return luaL_error(L, "ctx:call: tool '%s' is not loaded", name);
-    }
     lua_pushvalue(L, 1);
-    sbx_push_json(L, args);
-    cJSON_Delete(args);
+    sbx_push_json(L, f->args);
     j->depth++;
     int status = lua_pcallk(L, 2, LUA_MULTRET, 0, (lua_KContext)entry,
                             call_k);
@@ -854,11 +975,92 @@ static void comment_safe(const char *in, char *out, size_t size) {
     out[n] = 0;
 }
 
+/* Skips blanks and comments (-- to end of line, slash-star to star-slash). */
+static const char *skip_blank(const char *p) {
+    for (;;) {
+        while (isspace((unsigned char)*p)) p++;
+        if (p[0] == '-' && p[1] == '-') {
+            while (*p && *p != '\n') p++;
+        } else if (p[0] == '/' && p[1] == '*') {
+            const char *e = strstr(p + 2, "*/");
+            p = e ? e + 2 : p + strlen(p);
+        } else {
+            return p;
+        }
+    }
+}
+
+/* A guard, not a parser: refuses statements that do not start with
+ * SELECT, WITH, SHOW, DESCRIBE/DESC or EXISTS, and any call of a table
+ * function that reaches outside the server's own tables (url(, file(,
+ * remote(, s3(, ...) outside string literals and quoted names. Returns
+ * false with why filled. */
+static bool sql_guard(const char *sql, char *why, size_t size) {
+    static const char *const first_ok[] = {"select", "with", "show",
+                                           "describe", "desc", "exists",
+                                           NULL};
+    static const char *const table_fns[] = {
+        "url", "urlcluster", "file", "filecluster", "remote",
+        "remotesecure", "cluster", "clusterallreplicas", "s3",
+        "s3cluster", "gcs", "cosn", "oss", "mysql", "postgresql", "jdbc",
+        "odbc", "hdfs", "hdfscluster", "input", "executable", "mongodb",
+        "redis", "sqlite", "azureblobstorage", "deltalake", "hudi",
+        "iceberg", "dictionary", "merge", NULL};
+    const char *p = skip_blank(sql);
+    size_t n = 0;
+    while (isalpha((unsigned char)p[n])) n++;
+    bool ok = false;
+    for (int i = 0; first_ok[i] && !ok; i++)
+        ok = n == strlen(first_ok[i]) && !strncasecmp(p, first_ok[i], n);
+    if (!ok) {
+        snprintf(why, size, "ctx.clickhouse is read-only: only SELECT, "
+                 "WITH, SHOW, DESCRIBE and EXISTS statements are allowed "
+                 "(the query "
+                 "starts with '%.*s')", (int)(n < 20 ? n : 20), p);
+        return false;
+    }
+
+    while (*p) {
+        p = skip_blank(p);
+        if (*p == '\'' || *p == '"' || *p == '`') {
+            char q = *p++;
+            while (*p && *p != q) p += p[0] == '\\' && p[1] ? 2 : 1;
+            if (*p) p++;
+        } else if (isalpha((unsigned char)*p) || *p == '_') {
+            const char *w = p;
+            while (isalnum((unsigned char)*p) || *p == '_') p++;
+            size_t wl = (size_t)(p - w);
+            const char *after = skip_blank(p);
+            if (*after != '(') continue;
+            for (int i = 0; table_fns[i]; i++) {
+                if (wl == strlen(table_fns[i]) &&
+                    !strncasecmp(w, table_fns[i], wl)) {
+                    snprintf(why, size, "ctx.clickhouse: the table function "
+                             "'%s' is not allowed in tool queries (it "
+                             "reaches outside the server's tables)",
+                             table_fns[i]);
+                    return false;
+                }
+            }
+        } else if (*p) {
+            p++;
+        }
+    }
+    return true;
+}
+
 static int l_ch_query(lua_State *L) {
-    job *j = check_job(L, "ctx.clickhouse:query");
+    job *j = owner_job(L, 1, CH_MT, "ctx.clickhouse:query", true);
     const char *sql = luaL_checkstring(L, 2);
     worker *w = j->w;
     ch_error ce;
+    char why[256];
+
+    if (!sql_guard(sql, why, sizeof why)) {
+        lua_pushnil(L);
+        lua_pushstring(L, why);
+        return 2;
+    }
 
     if (!w->pool->ch_on || !w->ch) {
         lua_pushnil(L);
@@ -911,71 +1113,140 @@ static int l_ch_quote(lua_State *L) {
     return 1;
 }
 
-static int l_locked(lua_State *L) {
+static int l_ch_index(lua_State *L) {
+    owner_job(L, 1, CH_MT, "ctx.clickhouse", false);
+    const char *k = lua_tostring(L, 2);
+    if (k && !strcmp(k, "query")) lua_pushcfunction(L, l_ch_query);
+    else if (k && !strcmp(k, "quote")) lua_pushcfunction(L, l_ch_quote);
+    else lua_pushnil(L);
+    return 1;
+}
+
+static int l_ch_newindex(lua_State *L) {
     return luaL_error(L, "ctx.clickhouse is read-only");
 }
 
-/* Pushes the ctx metatable and the shared ctx.clickhouse object, making
- * them the first time in this Lua state (a rebuilt state has neither). */
-static void push_shared(lua_State *L) {
-    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &KEY_CTX_MT) == LUA_TTABLE) {
-        lua_rawgetp(L, LUA_REGISTRYINDEX, &KEY_CH);
-        return;
-    }
-    lua_pop(L, 1);
-    static const luaL_Reg methods[] = {
-        {"emit", l_ctx_emit}, {"progress", l_ctx_progress},
-        {"log", l_ctx_log},   {"call", l_ctx_call},
-        {"think", l_ctx_think}, {NULL, NULL}};
-    lua_createtable(L, 0, 2);
-    luaL_newlib(L, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &KEY_CTX_MT);
-
-    lua_newuserdatauv(L, 0, 0);
-    lua_createtable(L, 0, 3);
-    lua_createtable(L, 0, 2);
-    lua_pushcfunction(L, l_ch_query);
-    lua_setfield(L, -2, "query");
-    lua_pushcfunction(L, l_ch_quote);
-    lua_setfield(L, -2, "quote");
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, l_locked);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushliteral(L, "locked");
-    lua_setfield(L, -2, "__metatable");
-    lua_setmetatable(L, -2);
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &KEY_CH);
+static int l_ctx_newindex(lua_State *L) {
+    return luaL_error(L, "ctx is read-only: keep your own data in locals "
+                      "or in ctx.state");
 }
 
-static void set_id(lua_State *L, const char *k, const char *v) {
-    if (!v) return;
-    lua_pushstring(L, v);
-    lua_setfield(L, -2, k);
+static void push_id(lua_State *L, const char *v) {
+    if (v) lua_pushstring(L, v);
+    else lua_pushnil(L);
+}
+
+/* ctx.<key>: the ids (from the job's C-side context), state, clickhouse,
+ * or a method (upvalue 1: the methods table). */
+static int l_ctx_index(lua_State *L) {
+    job *j = owner_job(L, 1, CTX_MT, "ctx", false);
+    const char *k = lua_tostring(L, 2);
+    disp *d = j->d;
+    if (!k) lua_pushnil(L);
+    else if (!strcmp(k, "user_id")) push_id(L, ctx_user_id(d->ctx));
+    else if (!strcmp(k, "thread_id")) push_id(L, ctx_thread_id(d->ctx));
+    else if (!strcmp(k, "run_id")) push_id(L, d->run_id[0] ? d->run_id : NULL);
+    else if (!strcmp(k, "request_id")) push_id(L, ctx_request_id(d->ctx));
+    else if (!strcmp(k, "state")) lua_getiuservalue(L, 1, 1);
+    else if (!strcmp(k, "clickhouse")) lua_getiuservalue(L, 1, 2);
+    else lua_getfield(L, lua_upvalueindex(1), k);
+    return 1;
+}
+
+/* ctx.state: a table of the request's own, behind a userdata that only
+ * its request may use (uservalue 1: the table). */
+static int l_state_index(lua_State *L) {
+    owner_job(L, 1, STATE_MT, "ctx.state", false);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    return 1;
+}
+
+static int l_state_newindex(lua_State *L) {
+    owner_job(L, 1, STATE_MT, "ctx.state", false);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, -3);
+    return 0;
+}
+
+static int l_state_len(lua_State *L) {
+    owner_job(L, 1, STATE_MT, "ctx.state", false);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushinteger(L, (lua_Integer)lua_rawlen(L, -1));
+    return 1;
+}
+
+static int l_state_next(lua_State *L) {
+    lua_settop(L, 2);
+    return lua_next(L, 1) ? 2 : (lua_pushnil(L), 1);
+}
+
+static int l_state_pairs(lua_State *L) {
+    owner_job(L, 1, STATE_MT, "ctx.state", false);
+    lua_pushcfunction(L, l_state_next);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+/* Makes the three metatables the first time in this Lua state (a
+ * rebuilt state has none). */
+static void make_metatables(lua_State *L) {
+    if (luaL_newmetatable(L, CTX_MT)) {
+        static const luaL_Reg methods[] = {
+            {"emit", l_ctx_emit}, {"progress", l_ctx_progress},
+            {"log", l_ctx_log},   {"call", l_ctx_call},
+            {"think", l_ctx_think}, {NULL, NULL}};
+        luaL_newlib(L, methods);
+        lua_pushcclosure(L, l_ctx_index, 1);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_ctx_newindex);
+        lua_setfield(L, -2, "__newindex");
+        lua_pushliteral(L, "locked");
+        lua_setfield(L, -2, "__metatable");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, STATE_MT)) {
+        static const luaL_Reg mm[] = {
+            {"__index", l_state_index}, {"__newindex", l_state_newindex},
+            {"__len", l_state_len}, {"__pairs", l_state_pairs},
+            {NULL, NULL}};
+        luaL_setfuncs(L, mm, 0);
+        lua_pushliteral(L, "locked");
+        lua_setfield(L, -2, "__metatable");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, CH_MT)) {
+        lua_pushcfunction(L, l_ch_index);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_ch_newindex);
+        lua_setfield(L, -2, "__newindex");
+        lua_pushliteral(L, "locked");
+        lua_setfield(L, -2, "__metatable");
+    }
+    lua_pop(L, 1);
+}
+
+static void push_box(lua_State *L, uint64_t serial, int nuv, const char *mt) {
+    ctx_box *b = lua_newuserdatauv(L, sizeof *b, nuv);
+    b->serial = serial;
+    luaL_setmetatable(L, mt);
 }
 
 /* sbx_push_fn: ctx and the arguments (or input). */
 static int push_ctx_args(lua_State *L, void *ud) {
     job *j = ud;
-    disp *d = j->d;
-    push_shared(L); /* mt, ch */
-    lua_createtable(L, 0, 8);
-    set_id(L, "user_id", ctx_user_id(d->ctx));
-    set_id(L, "thread_id", ctx_thread_id(d->ctx));
-    set_id(L, "run_id", d->run_id[0] ? d->run_id : NULL);
-    set_id(L, "request_id", ctx_request_id(d->ctx));
+    make_metatables(L);
+    push_box(L, j->serial, 2, CTX_MT);
+    push_box(L, j->serial, 1, STATE_MT);
     lua_newtable(L);
-    lua_setfield(L, -2, "state");
-    lua_pushvalue(L, -2);
-    lua_setfield(L, -2, "clickhouse");
-    lua_pushvalue(L, -3);
-    lua_setmetatable(L, -2);
-    lua_replace(L, -3);
-    lua_pop(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    lua_setiuservalue(L, -2, 1);
+    push_box(L, j->serial, 0, CH_MT);
+    lua_setiuservalue(L, -2, 2);
     sbx_push_json(L, j->args);
     return 2;
 }
@@ -1024,8 +1295,9 @@ static void job_finish(worker *w, job *j) {
         status = "cancelled";
     }
 
-    /* Frames of nested calls that never returned end with the error. */
-    while (j->frames && j->frames->up) {
+    /* Frames of nested calls that never returned end with the error (for
+     * an agent every frame is a nested call). */
+    while (j->frames && (j->agent || j->frames->up)) {
         cJSON *r = call_result(error ? error : "stopped", NULL, true);
         frame_pop(j, r, error ? status : "error", error ? error : "stopped");
         cJSON_Delete(r);
@@ -1034,7 +1306,8 @@ static void job_finish(worker *w, job *j) {
     if (!j->agent) {
         bool ok = false;
         if (n >= 0 && co) {
-            done = map_result(co, lua_gettop(co) - n + 1, n, e, &ok);
+            done = map_result(co, lua_gettop(co) - n + 1, n, e,
+                              p->cfg.max_result_bytes, &ok);
         } else {
             snprintf(msg, sizeof msg, "%s", error ? error : "failed");
             done = call_result(msg, NULL, true);
@@ -1047,16 +1320,34 @@ static void job_finish(worker *w, job *j) {
         if (!error && n >= 0 && co && n > 0 &&
             lua_type(co, lua_gettop(co) - n + 1) != LUA_TNIL) {
             int first = lua_gettop(co) - n + 1;
+            size_t slen = 0, bad = 0;
+            const char *str = lua_type(co, first) == LUA_TSTRING
+                                  ? lua_tolstring(co, first, &slen)
+                                  : NULL;
+            bool str_ok = str && utf8_ok(str, slen, &bad);
             cJSON *res = lua_type(co, first) == LUA_TTABLE
                              ? sbx_table_to_json(co, first, "result", msg,
                                                  sizeof msg)
-                         : lua_isstring(co, first)
-                             ? cJSON_CreateString(lua_tostring(co, first))
-                             : NULL;
-            if (!res && !msg[0])
+                         : str_ok ? cJSON_CreateString(str)
+                                  : NULL;
+            if (!res && !msg[0] && str)
+                snprintf(msg, sizeof msg, "agent '%s' returned a string "
+                         "that is not valid UTF-8 or holds NUL (at byte "
+                         "%zu)", e->name, bad);
+            else if (!res && !msg[0])
                 snprintf(msg, sizeof msg, "agent '%s' returned a %s; return "
                          "a table or a string", e->name,
                          luaL_typename(co, first));
+            char *rt = res ? cJSON_PrintUnformatted(res) : NULL;
+            size_t rl = rt ? strlen(rt) : 0;
+            free(rt);
+            if (res && (int64_t)rl > p->cfg.max_result_bytes) {
+                snprintf(msg, sizeof msg, "result too large (%zu bytes; the "
+                         "limit is %lld) - return less or page it", rl,
+                         (long long)p->cfg.max_result_bytes);
+                cJSON_Delete(res);
+                res = NULL;
+            }
             if (res) {
                 ev = event_new(j, "agent_completed");
                 cJSON_AddItemToObject(ev, "result", res);
@@ -1078,7 +1369,7 @@ static void job_finish(worker *w, job *j) {
         ev = event_new(j, "agent_error");
         cJSON *err = cJSON_AddObjectToObject(ev, "error");
         cJSON_AddStringToObject(err, "code", status);
-        cJSON_AddStringToObject(err, "message", error);
+        add_text(err, "message", error);
         emit(j, ev);
     agent_done:;
     }
@@ -1144,7 +1435,9 @@ static void job_start(worker *w, job *j) {
 
     sbx_request_opts o = {.request_id = ctx_request_id(d->ctx),
                           .run_id = d->run_id[0] ? d->run_id : NULL,
-                          .ud = j};
+                          .ud = j,
+                          .cancel = &d->cancel,
+                          .cancel_reason = d->cancel_reason};
     j->req = sbx_start(w->s, e->name, w->refs[j->entry], push_ctx_args, j,
                        &o, err, sizeof err);
     if (!j->req) {
@@ -1216,7 +1509,8 @@ static int worker_init(worker *w, char *err, size_t size) {
                      .defaults = {p->cfg.time_ms, p->cfg.instructions,
                                   p->cfg.memory_bytes},
                      .hook = p->cfg.timer_hook ? SBX_HOOK_TIMER
-                                               : SBX_HOOK_COUNT};
+                                               : SBX_HOOK_COUNT,
+                     .stop = &p->stopping};
     w->s = sbx_new(&sc, err, size);
     if (!w->s) return -1;
     w->refs = calloc((size_t)p->reg->n + 1, sizeof *w->refs);
@@ -1239,10 +1533,56 @@ static int worker_init(worker *w, char *err, size_t size) {
         return -1;
     }
     if (p->ch_on) {
-        ch_options o = {.connect_timeout_ms = 2000};
+        ch_options o = {.connect_timeout_ms = 2000,
+                        .max_response_bytes = DISP_CH_MAX_RESPONSE};
         w->ch = ch_client_new(&p->ch, &o);
     }
     return 0;
+}
+
+/* When user's job last started on this worker (0: not lately). */
+static uint64_t served_at(const worker *w, const char *user) {
+    for (int i = 0; i < RECENT_USERS; i++)
+        if (w->recent_seq[i] && !strcmp(w->recent[i], user))
+            return w->recent_seq[i];
+    return 0;
+}
+
+static void note_served(worker *w, const char *user) {
+    int slot = 0;
+    for (int i = 0; i < RECENT_USERS; i++) {
+        if (w->recent_seq[i] && !strcmp(w->recent[i], user)) {
+            slot = i;
+            break;
+        }
+        if (w->recent_seq[i] < w->recent_seq[slot]) slot = i;
+    }
+    snprintf(w->recent[slot], sizeof w->recent[slot], "%s", user);
+    w->recent_seq[slot] = ++w->seq;
+}
+
+/* Takes the next job off the queue (w->lock held): the first one whose
+ * user was served longest ago, so that one user's flood of calls cannot
+ * keep another user's call waiting behind all of it. */
+static job *take_job(worker *w) {
+    job *best = NULL, *best_prev = NULL, *prev = NULL;
+    uint64_t best_at = UINT64_MAX;
+    for (job *j = w->queue; j; prev = j, j = j->next) {
+        uint64_t at = served_at(w, j->user_key);
+        if (at < best_at) {
+            best = j;
+            best_prev = prev;
+            best_at = at;
+            if (at == 0) break;
+        }
+    }
+    if (!best) return NULL;
+    if (best_prev) best_prev->next = best->next;
+    else w->queue = best->next;
+    if (w->queue_tail == best) w->queue_tail = best_prev;
+    best->next = NULL;
+    note_served(w, best->user_key);
+    return best;
 }
 
 static void *worker_main(void *arg) {
@@ -1259,16 +1599,14 @@ static void *worker_main(void *arg) {
 
     for (;;) {
         pthread_mutex_lock(&w->lock);
-        job *in = w->queue;
-        w->queue = w->queue_tail = NULL;
+        job *in = take_job(w);
         bool stop = w->stop;
+        bool more = w->queue != NULL;
         pthread_mutex_unlock(&w->lock);
 
-        while (in) {
-            job *next = in->next;
+        if (in) {
             if (stop) mark_shutdown(in->d);
             job_start(w, in);
-            in = next;
         }
 
         int running = 0, left;
@@ -1287,7 +1625,7 @@ static void *worker_main(void *arg) {
             continue;
         }
 
-        int64_t wait = POLL_MAX_MS;
+        int64_t wait = more ? 0 : POLL_MAX_MS;
         if (deadline != INT64_MAX) {
             int64_t d = deadline - mono_ms();
             wait = d < 0 ? 0 : d < wait ? d : wait;
@@ -1313,6 +1651,7 @@ static void worker_free(worker *w) {
 }
 
 static void stop_workers(disp_pool *p) {
+    atomic_store(&p->stopping, true); /* running handlers stop at once */
     for (int i = 0; i < p->nworkers; i++) {
         worker *w = &p->workers[i];
         if (!w->thread_ok) continue;
@@ -1350,6 +1689,9 @@ disp_pool *disp_pool_new(disp_registry *reg, const disp_pool_config *cfg,
     }
     if (p->cfg.queue_max <= 0) p->cfg.queue_max = 256;
     if (p->cfg.max_inflight_per_user <= 0) p->cfg.max_inflight_per_user = 16;
+    if (p->cfg.max_result_bytes <= 0)
+        p->cfg.max_result_bytes = DISP_MAX_RESULT_DEFAULT;
+    atomic_init(&p->stopping, false);
     pthread_mutex_init(&p->lock, NULL);
 
     char warn[256] = "", why[512] = "";
@@ -1533,6 +1875,7 @@ static int submit(disp *d, int entry, bool agent, cJSON *args,
     j->agent = agent;
     j->args = args ? args : cJSON_CreateObject();
     j->progress_token = token ? cJSON_Duplicate(token, 1) : NULL;
+    j->serial = atomic_fetch_add(&job_serials, 1);
     snprintf(j->user_key, sizeof j->user_key, "%s", user);
     atomic_fetch_add(&p->in_flight, 1);
     if (p->cfg.requests_changed) p->cfg.requests_changed(p->cfg.counter_ud, 1);

@@ -32,6 +32,13 @@
 #define DISP_BAD_PARAMS (-32602) /* unknown tool or agent, bad params */
 #define DISP_BUSY (-32000)       /* queue full or per-user cap reached */
 
+/* The default result size limit (NETRA_MAX_RESULT_BYTES): 4 MiB. */
+#define DISP_MAX_RESULT_DEFAULT ((int64_t)4 << 20)
+
+/* What a tool's ctx.clickhouse:query may bring back: 64 MiB of response
+ * text (the rows as Lua tables take more). */
+#define DISP_CH_MAX_RESPONSE ((int64_t)64 << 20)
+
 /* ---- registry ------------------------------------------------------------ */
 
 typedef struct disp_registry disp_registry;
@@ -83,6 +90,9 @@ typedef struct {
     int queue_max;             /* per worker; 0: 256 */
     int max_inflight_per_user; /* 0: 16 */
     int64_t time_ms, instructions, memory_bytes; /* default budgets */
+    int64_t max_result_bytes;   /* a tool's result as JSON text, and an
+                                   agent's final result; 0:
+                                   DISP_MAX_RESULT_DEFAULT */
     const char *clickhouse_url; /* ctx.clickhouse target, NULL: not
                                    connected (settings as clickhouse.h) */
     ch_getter clickhouse_get;   /* used instead when clickhouse_url is

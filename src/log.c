@@ -8,6 +8,8 @@
 
 #include <cJSON.h>
 
+#include "utf8.h"
+
 #define LOG_LINE_MAX 8192
 #define LOG_SECRETS_MAX 64
 
@@ -179,10 +181,45 @@ static void write_json(FILE *out, const char *when, log_level level,
     cJSON_Delete(o);
 }
 
+/* Copies msg to out (n bytes) so that it stays one line of valid UTF-8:
+ * in text form (json false) \n, \r, \t become those two characters and
+ * other control bytes (C0, DEL, ESC) \xNN; in both forms every byte that
+ * is not valid UTF-8 becomes U+FFFD. Truncates at a whole character. */
+static void make_safe(const char *msg, bool json, char *out, size_t n) {
+    const unsigned char *u = (const unsigned char *)msg;
+    size_t len = strlen(msg), o = 0;
+    for (size_t i = 0; i < len;) {
+        char tmp[8];
+        size_t k = 0, step = 1;
+        unsigned char c = u[i];
+        if (c < 0x20 || c == 0x7f) {
+            if (json) tmp[k++] = (char)c;
+            else if (c == '\n') k = (size_t)snprintf(tmp, sizeof tmp, "\\n");
+            else if (c == '\r') k = (size_t)snprintf(tmp, sizeof tmp, "\\r");
+            else if (c == '\t') k = (size_t)snprintf(tmp, sizeof tmp, "\\t");
+            else k = (size_t)snprintf(tmp, sizeof tmp, "\\x%02x", c);
+        } else if (c < 0x80) {
+            tmp[k++] = (char)c;
+        } else if ((step = utf8_seq_len(u + i, len - i)) > 0) {
+            memcpy(tmp, u + i, step);
+            k = step;
+        } else {
+            memcpy(tmp, "\xef\xbf\xbd", 3);
+            k = 3;
+            step = 1;
+        }
+        if (o + k + 1 > n) break;
+        memcpy(out + o, tmp, k);
+        o += k;
+        i += step;
+    }
+    out[o] = 0;
+}
+
 void log_vreq(log_level level, const char *component, const char *request_id,
               const char *run_id, const char *fmt, va_list ap) {
     if (!log_enabled(level)) return;
-    char msg[LOG_LINE_MAX];
+    char msg[LOG_LINE_MAX], safe[LOG_LINE_MAX * 2];
     vsnprintf(msg, sizeof msg, fmt, ap);
     redact_urls(msg, sizeof msg);
     redact_assignments(msg, sizeof msg);
@@ -192,10 +229,11 @@ void log_vreq(log_level level, const char *component, const char *request_id,
     pthread_mutex_lock(&log_lock);
     redact_secrets(msg, sizeof msg);
     FILE *out = log_out ? log_out : stderr;
+    make_safe(msg, log_json, safe, sizeof safe);
     if (log_json)
-        write_json(out, when, level, component, request_id, run_id, msg);
+        write_json(out, when, level, component, request_id, run_id, safe);
     else
-        write_text(out, when, level, component, request_id, run_id, msg);
+        write_text(out, when, level, component, request_id, run_id, safe);
     fflush(out);
     pthread_mutex_unlock(&log_lock);
 }

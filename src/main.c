@@ -1,4 +1,5 @@
-/* main: the netra command line: serve, check, version, help. */
+/* main: the netra command line: serve, check, token, repl, version,
+ * help. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -11,11 +12,16 @@
 #include "analytics.h"
 #include "bridge.h"
 #include "config.h"
+#include "console.h"
 #include "disp.h"
 #include "jwt.h"
 #include "log.h"
 #include "policy.h"
+#include "reload.h"
+#include "repl.h"
+#include "repl_term.h"
 #include "runtime.h"
+#include "scenario.h"
 #include "server.h"
 
 static const char usage_text[] =
@@ -32,6 +38,14 @@ static const char usage_text[] =
     "  token --user NAME [--ttl SECONDS] [--env NAME]\n"
     "                 print a client token signed with NETRA_JWT_SECRET\n"
     "                 (default ttl 3600), alone on stdout\n"
+    "  repl [--env NAME] [--serve] [--attach [PATH]]\n"
+    "                 a Lua prompt with the netra module and the policy\n"
+    "                 applied (--serve: serving too); --attach evaluates\n"
+    "                 in a running server through its control socket;\n"
+    "                 stdin not a terminal: run it as a script\n"
+    "  run SCRIPT.lua [ARGS]\n"
+    "                 run a scenario (netra.scenario, doc/scenarios.md);\n"
+    "                 TAP on stdout, exit 0 only when every assertion held\n"
     "  version        print the version\n"
     "  help, --help   print this text\n"
     "\n"
@@ -50,13 +64,16 @@ typedef struct {
     const char *listen;
     const char *user;
     const char *ttl;
+    bool serve;         /* repl --serve */
+    bool attach;        /* repl --attach [PATH] */
+    const char *attach_path;
 } options;
 
 /* Options each command takes. */
 static bool takes(const char *command, const char *option) {
     if (!strcmp(option, "--env"))
         return !strcmp(command, "serve") || !strcmp(command, "check") ||
-               !strcmp(command, "token");
+               !strcmp(command, "token") || !strcmp(command, "repl");
     if (!strcmp(option, "--listen")) return !strcmp(command, "serve");
     if (!strcmp(option, "--user") || !strcmp(option, "--ttl"))
         return !strcmp(command, "token");
@@ -73,6 +90,18 @@ static int parse_args(int argc, char **argv, options *o) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout, 0);
             exit(0);
+        }
+        if (!strcmp(o->command, "repl") && !strcmp(a, "--serve")) {
+            o->serve = true;
+            continue;
+        }
+        if (!strcmp(o->command, "repl") && !strncmp(a, "--attach", 8) &&
+            (a[8] == '\0' || a[8] == '=')) {
+            o->attach = true;
+            if (a[8] == '=') o->attach_path = a + 9;
+            else if (i + 1 < argc && argv[i + 1][0] != '-')
+                o->attach_path = argv[++i];
+            continue;
         }
         char name[32];
         size_t n = strcspn(a, "=");
@@ -229,50 +258,29 @@ static void *startup_main(void *arg) {
     return NULL;
 }
 
-static const char *config_getter(void *ud, const char *key) {
-    return config_get(ud, key);
-}
-
 /* Makes the dispatcher's pool from what the policy registered. Returns
  * NULL after logging why. */
 static disp_pool *start_pool(runtime *rt) {
     char err[2048], dir[4096];
-    long workers, per_user, queue_max;
-    if (config_int(rt->cfg, "NETRA_WORKERS", 0, 0, 1024, &workers, err,
-                   sizeof err) < 0 ||
-        config_int(rt->cfg, "NETRA_MAX_INFLIGHT_PER_USER", 16, 1, 100000,
-                   &per_user, err, sizeof err) < 0 ||
-        config_int(rt->cfg, "NETRA_QUEUE_MAX", 256, 1, 1000000, &queue_max,
-                   err, sizeof err) < 0) {
-        log_msg(NLOG_ERROR, "dispatcher", "%s", err);
-        return NULL;
-    }
     if (!rt->tools) {
         snprintf(dir, sizeof dir, "%s/lua", config_home(rt->cfg));
         rt->tools = disp_registry_new(dir);
         if (!rt->tools) return NULL;
     }
-    health_info info;
-    bool ch_off = health_get(rt->health, "clickhouse", &info) != 0 ||
-                  info.status == HEALTH_DISABLED;
-    disp_pool_config pc = {
-        .workers = (int)workers,
-        .queue_max = (int)queue_max,
-        .max_inflight_per_user = (int)per_user,
-        .time_ms = rt->tool_budget.time_ms,
-        .instructions = rt->tool_budget.instructions,
-        .memory_bytes = rt->tool_budget.memory_bytes,
-        .clickhouse_get = ch_off ? NULL : config_getter,
-        .clickhouse_get_ud = rt->cfg,
-        .counter_ud = rt,
-        .requests_changed = runtime_requests_changed,
-        .record_ud = rt->analytics,
-        .record = rt->analytics ? analytics_record_call : NULL,
-        .record_event = rt->analytics ? analytics_record_event : NULL,
-    };
-    disp_pool *pool = disp_pool_new(rt->tools, &pc, err, sizeof err);
+    disp_pool *pool = reload_pool_new(rt, rt->tools, err, sizeof err);
     if (!pool) log_msg(NLOG_ERROR, "dispatcher", "%s", err);
     return pool;
+}
+
+/* SIGHUP: reloads once started (netra_reload logs the outcome). */
+static void serve_reload(runtime *rt) {
+    char err[8192];
+    if (!rt->reload) {
+        log_msg(NLOG_WARN, "reload", "SIGHUP during startup: ignored - "
+                "send it again once the server is ready");
+        return;
+    }
+    reload_request(rt, "SIGHUP", err, sizeof err);
 }
 
 /* Waits up to 200 ms for a signal; returns it or 0. */
@@ -351,6 +359,8 @@ static int cmd_serve(const options *o) {
         return 1;
     }
     disp_pool *pool = NULL;
+    reload *gens = NULL; /* owns pool and s.policy once made */
+    console *con = console_start(rt, server_port(rt->server));
     server_register_bridge(rt->server, NULL, err, sizeof err);
     health_start(rt->health);
 
@@ -364,10 +374,10 @@ static int cmd_serve(const options *o) {
     while (!sig) {
         sig = wait_signal(&set);
         if (sig == SIGHUP) {
-            log_msg(NLOG_WARN, "netra", "SIGHUP: reload is not available in "
-                                        "this version; ignored");
+            serve_reload(rt);
             sig = 0;
         }
+        reload_collect(gens);
         int outcome = atomic_load(&s.outcome);
         if (!joined && outcome >= 0) {
             pthread_join(th, NULL);
@@ -387,6 +397,9 @@ static int cmd_serve(const options *o) {
                 break;
             }
             bridge_set_dispatcher(b, pool, rt->tools);
+            gens = reload_new(rt, b, s.policy, pool);
+            console_set_policy(con, s.policy);
+            console_set_pool(con, pool);
             runtime_set_started(rt);
             log_msg(NLOG_INFO, "netra", "ready in %s on port %d", env,
                     server_port(rt->server));
@@ -402,6 +415,7 @@ static int cmd_serve(const options *o) {
      * end; what is left is cancelled (runs end with agent_error); then
      * every client gets 1001. */
     runtime_set_stopping(rt);
+    console_stop(con);
     server_begin_close(rt->server);
     int64_t now = server_now_ms();
     int64_t drain_until = now + drain_ms, grace_until = now + grace_ms;
@@ -426,7 +440,8 @@ static int cmd_serve(const options *o) {
     health_stop(rt->health);
     server_stop(rt->server, 2000);
     bridge_set_dispatcher(b, NULL, NULL);
-    disp_pool_free(pool);
+    if (gens) reload_free(gens); /* every generation's pool and policy */
+    else disp_pool_free(pool);
     /* What analytics accepted is in the spool; one last send, and the
      * rest waits there for the next start. */
     analytics_stop(rt->analytics, (int)grace_ms);
@@ -439,7 +454,7 @@ static int cmd_serve(const options *o) {
     }
     health_free(rt->health);
     rt->health = NULL;
-    policy_close(s.policy);
+    if (!gens) policy_close(s.policy);
     server_free(rt->server);
     rt->server = NULL;
     bridge_free(b);
@@ -448,13 +463,131 @@ static int cmd_serve(const options *o) {
     return rc;
 }
 
+/* ---- repl ------------------------------------------------------------------- */
+
+static repl_status local_eval(void *ud, const char *chunk, char **text) {
+    return repl_eval(ud, chunk, text);
+}
+
+static char **local_complete(void *ud, const char *line) {
+    return repl_complete(ud, line);
+}
+
+static const char repl_banner[] =
+    "netra %s REPL, environment %s. Helpers: health() report() "
+    "components()\n"
+    "tools() agents() dispatch_as{user_id=, thread_id=}(tool, args) "
+    "query(sql) reload()\n"
+    "Tab completes; Ctrl-D leaves.";
+
+/* `netra repl` without --attach: the policy applied in this process (not
+ * serving), and a prompt in the policy's state. */
+static int cmd_repl_local(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    runtime *rt = runtime_new(cfg);
+    if (!rt) return 1;
+
+    char err[8192], notice[8400] = "";
+    policy *p = policy_open(rt, err, sizeof err);
+    if (!p)
+        snprintf(notice, sizeof notice, "policy not applied: %s", err);
+    else if (policy_start(p, err, sizeof err) != POLICY_OK)
+        snprintf(notice, sizeof notice, "the policy refused to start: %s",
+                 err);
+    health_start(rt->health);
+    disp_pool *pool = p && !notice[0] ? start_pool(rt) : NULL;
+
+    repl_options ro = {.rt = rt, .policy = p, .who = "local", .tag = "repl"};
+    repl *r = repl_new(&ro, err, sizeof err);
+    int rc = 1;
+    if (!r) {
+        fprintf(stderr, "netra repl: %s\n", err);
+    } else {
+        char banner[512];
+        snprintf(banner, sizeof banner, repl_banner, NETRA_VERSION,
+                 config_environment(rt->cfg));
+        repl_set_pool(r, pool);
+        rterm_evaluator ev = {r, local_eval, local_complete};
+        rc = rterm_run(&ev, banner, notice[0] ? notice : NULL);
+        repl_free(r);
+    }
+    disp_pool_free(pool);
+    health_stop(rt->health);
+    health_free(rt->health);
+    rt->health = NULL;
+    policy_close(p);
+    runtime_free(rt);
+    return rc;
+}
+
+static repl_status attach_eval(void *ud, const char *chunk, char **text) {
+    return console_eval(ud, chunk, text);
+}
+
+static char **attach_complete(void *ud, const char *line) {
+    return console_complete(ud, line);
+}
+
+/* `netra repl --attach [PATH]`: evaluates in a running server. With no
+ * PATH, the only socket in the run directory; several or none: exit 2. */
+static int cmd_repl_attach(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    char dir[4096], path[4400], list[8192], err[1024], hello[1024];
+    if (o->attach_path) {
+        snprintf(path, sizeof path, "%s", o->attach_path);
+    } else {
+        console_run_dir(cfg, dir, sizeof dir);
+        int n = console_find(dir, path, sizeof path, list, sizeof list);
+        if (n != 1) {
+            if (n == 0)
+                fprintf(stderr, "netra repl: no control socket in %s - is "
+                        "netra serve running (console on)? Or give the "
+                        "path: --attach PATH\n", dir);
+            else
+                fprintf(stderr, "netra repl: %d control sockets in %s; "
+                        "pick one with --attach PATH:\n%s", n, dir, list);
+            config_free(cfg);
+            return 2;
+        }
+    }
+    config_free(cfg);
+    console_client *cc = console_connect(path, hello, sizeof hello, err,
+                                         sizeof err);
+    if (!cc) {
+        fprintf(stderr, "netra repl: %s\n", err);
+        return 1;
+    }
+    rterm_evaluator ev = {cc, attach_eval, attach_complete};
+    int rc = rterm_run(&ev, hello, NULL);
+    console_close(cc);
+    return rc;
+}
+
+static int cmd_repl(const options *o) {
+    if (o->serve) {
+        /* TODO: serve in this process beside the prompt; attaching to a
+         * separate `netra serve` gives the same live state meanwhile. */
+        fprintf(stderr, "netra repl: --serve is not available in this "
+                        "version - run `netra serve` and then `netra repl "
+                        "--attach`\n");
+        return 2;
+    }
+    if (o->attach) return cmd_repl_attach(o);
+    return cmd_repl_local(o);
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "run"))
+        return scenario_main(argc - 2, argv + 2);
     options o;
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc;
     if (!strcmp(o.command, "serve")) return cmd_serve(&o);
     if (!strcmp(o.command, "check")) return cmd_check(&o);
     if (!strcmp(o.command, "token")) return cmd_token(&o);
+    if (!strcmp(o.command, "repl")) return cmd_repl(&o);
     if (!strcmp(o.command, "version") || !strcmp(o.command, "--version")) {
         printf("netra %s\n", NETRA_VERSION);
         return 0;

@@ -17,6 +17,7 @@
 struct server;
 struct analytics;
 struct disp_registry;
+struct reload;
 
 typedef struct runtime {
     config *cfg;             /* owned */
@@ -31,6 +32,8 @@ typedef struct runtime {
     bool stopping;
 
     pthread_mutex_t lua_lock; /* held by whoever runs the policy's state */
+    atomic_int pins; /* console sessions holding a generation's policy and
+                        pool: reload keeps retired ones while > 0 */
 
     struct disp_registry *tools; /* what the policy registered (owned;
                                     NULL until the first registration) */
@@ -40,6 +43,8 @@ typedef struct runtime {
         int64_t time_ms, instructions, memory_bytes;
     } tool_budget;                /* the policy's default budgets (0:
                                      the sandbox's defaults) */
+    struct reload *reload;        /* `netra serve` once started: the
+                                     generations (reload.h); else NULL */
 } runtime;
 
 /* Returns a runtime owning cfg (already loaded) and a new registry, or

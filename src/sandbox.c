@@ -17,6 +17,7 @@
 #include <lualib.h>
 
 #include "log.h"
+#include "utf8.h"
 
 #define SBX_POOL_MAX 16
 #define SBX_PRINT_MAX 4096
@@ -48,6 +49,7 @@ struct sbx {
     sbx_budget defaults;
     int64_t state_limit;
     sbx_hook_mode hook;
+    const atomic_bool *stop;
 
     int64_t used;     /* bytes allocated by the state */
     bool state_hit;   /* the state-wide limit refused an allocation */
@@ -98,6 +100,8 @@ struct sbx_request {
     char *error;
     int nres;
     void *ud;
+    const atomic_bool *cancel;
+    const char *cancel_reason;
 };
 
 static void sbx_hook(lua_State *L, lua_Debug *ar);
@@ -275,7 +279,15 @@ static void check_budgets(sbx *s, sbx_request *req) {
     if (req->stop != SBX_STOP_NONE)
         return;
 
-    if (req->mem_hit) {
+    if (req->cancel && atomic_load(req->cancel)) {
+        set_error(req, SBX_STOP_CANCELLED, "%s",
+                  req->cancel_reason && req->cancel_reason[0]
+                      ? req->cancel_reason
+                      : "cancelled");
+    } else if (s->stop && atomic_load(s->stop)) {
+        set_error(req, SBX_STOP_CANCELLED,
+                  "cancelled: the dispatcher is shutting down");
+    } else if (req->mem_hit) {
         if (req->state_hit)
             set_error(req, SBX_STOP_MEMORY,
                       "tool '%s' exceeded the sandbox memory limit "
@@ -1200,6 +1212,7 @@ sbx *sbx_new(const sbx_config *config, char *err, size_t errsize) {
                          ? config->state_memory_bytes
                          : (int64_t)512 << 20;
     s->hook = config->hook;
+    s->stop = config->stop;
 
     if (s->hook == SBX_HOOK_TIMER && timer_setup(s, err, errsize) != 0) {
         sbx_free(s);
@@ -1296,8 +1309,30 @@ static void release_thread(sbx *s, sbx_request *req) {
     if (req->stop == SBX_STOP_NONE)
         req->stop = SBX_STOP_CANCELLED;
     s->current = req;
-    lua_sethook(req->co, sbx_hook, LUA_MASKCOUNT, 1);
-    lua_resetthread(req->co);
+
+    if (req->stop == SBX_STOP_ERROR) {
+        /* An ordinary error: pending to-be-closed variables get their
+         * __close, under the request's budgets (a stop inside one ends
+         * it and the next ones at once). The error stays the first. */
+        char *error = req->error;
+        req->error = NULL;
+        req->stop = SBX_STOP_NONE;
+        req->armed = false;
+        set_running(s, req->co);
+        apply_hook(req, req->co);
+        if (s->has_timer && !req->hooked && req->time_ms > 0)
+            timer_arm(s, req->deadline_ms);
+        lua_resetthread(req->co);
+        if (s->has_timer && !req->hooked && req->time_ms > 0)
+            timer_disarm(s);
+        set_running(s, NULL);
+        free(req->error);
+        req->error = error;
+        req->stop = SBX_STOP_ERROR;
+    } else {
+        lua_sethook(req->co, sbx_hook, LUA_MASKCOUNT, 1);
+        lua_resetthread(req->co);
+    }
     lua_settop(req->co, 0);
     lua_sethook(req->co, NULL, 0, 0);
     s->current = saved;
@@ -1332,6 +1367,8 @@ static sbx_request *req_create(sbx *s, const char *tool,
         req->request_id = dup_str(opts->request_id);
         req->run_id = dup_str(opts->run_id);
         req->ud = opts->ud;
+        req->cancel = opts->cancel;
+        req->cancel_reason = opts->cancel_reason;
     }
     req->time_ms = pick(ob->time_ms, tool_budget->time_ms,
                         s->defaults.time_ms);
@@ -1339,6 +1376,8 @@ static sbx_request *req_create(sbx *s, const char *tool,
                             s->defaults.instructions);
     req->mem_limit = pick(ob->memory_bytes, tool_budget->memory_bytes,
                           s->defaults.memory_bytes);
+    if (req->time_ms > INT64_MAX / 4)
+        req->time_ms = INT64_MAX / 4; /* no overflow below */
     req->deadline_ms = req->time_ms > 0 ? now_ms() + req->time_ms
                                         : INT64_MAX;
     req->hooked = req->instr_limit > 0 ||
@@ -1739,7 +1778,7 @@ static cJSON *json_field(lua_State *L, int def, const char *key,
 }
 
 static void budget_field(lua_State *L, int budget, const char *key,
-                         int64_t *out) {
+                         int64_t max, int64_t *out) {
     int isint;
     lua_Integer v;
 
@@ -1752,6 +1791,12 @@ static void budget_field(lua_State *L, int budget, const char *key,
     v = lua_tointegerx(L, -1, &isint);
     if (!isint || v <= 0)
         fail(L, "budget.%s must be a positive integer", key);
+    if (v > max) {
+        lua_pushfstring(L, "budget.%s is %I; it may be at most %I (the "
+                        "sandbox's ceiling) - ask for less", key,
+                        (lua_Integer)v, (lua_Integer)max);
+        lua_error(L);
+    }
     *out = v;
     lua_pop(L, 1);
 }
@@ -1817,9 +1862,12 @@ static int check_tramp(lua_State *L) {
                             "instructions or memory_bytes)", k);
             lua_pop(L, 1);
         }
-        budget_field(L, b, "time_ms", &def->budget.time_ms);
-        budget_field(L, b, "instructions", &def->budget.instructions);
-        budget_field(L, b, "memory_bytes", &def->budget.memory_bytes);
+        budget_field(L, b, "time_ms", SBX_MAX_TIME_MS,
+                     &def->budget.time_ms);
+        budget_field(L, b, "instructions", SBX_MAX_INSTRUCTIONS,
+                     &def->budget.instructions);
+        budget_field(L, b, "memory_bytes", SBX_MAX_MEMORY_BYTES,
+                     &def->budget.memory_bytes);
     }
     lua_pop(L, 1);
 
@@ -2117,10 +2165,29 @@ static void jpush_path(jctx *j, lua_State *L, int key_idx, size_t *saved) {
     *saved = j->plen;
     if (j->plen >= sizeof j->path - 1)
         return;
-    if (lua_type(L, key_idx) == LUA_TSTRING)
-        snprintf(j->path + j->plen, sizeof j->path - j->plen, ".%s",
-                 lua_tostring(L, key_idx));
-    else
+    if (lua_type(L, key_idx) == LUA_TSTRING) {
+        /* The key as text that is safe to show: control bytes and bytes
+         * that are not UTF-8 become \xNN. */
+        size_t klen, o = j->plen, cap = sizeof j->path - 5;
+        const unsigned char *k =
+            (const unsigned char *)lua_tolstring(L, key_idx, &klen);
+        j->path[o++] = '.';
+        for (size_t i = 0; i < klen && o < cap;) {
+            size_t n = k[i] >= 0x20 && k[i] != 0x7f
+                           ? utf8_seq_len(k + i, klen - i)
+                           : 0;
+            if (n == 0 || o + n >= cap) {
+                snprintf(j->path + o, sizeof j->path - o, "\\x%02x", k[i]);
+                o += 4;
+                i++;
+            } else {
+                memcpy(j->path + o, k + i, n);
+                o += n;
+                i += n;
+            }
+        }
+        j->path[o] = 0;
+    } else
         snprintf(j->path + j->plen, sizeof j->path - j->plen, "[%lld]",
                  (long long)lua_tointeger(L, key_idx));
     j->plen = strlen(j->path);

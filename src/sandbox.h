@@ -13,7 +13,9 @@
  * state's bytes while that request runs (never below zero): garbage of
  * other requests that the collector frees during its run is credited to
  * it, and its own garbage freed later is credited to whoever runs then.
- * A hard cap for the whole state (config.state_memory_bytes) sits on top.
+ * A hard cap for the whole state (config.state_memory_bytes) sits on top:
+ * it bounds what many requests waiting at once (each within its own
+ * budget) can hold together; past it, the request that allocates fails.
  */
 #ifndef NETRA_SANDBOX_H
 #define NETRA_SANDBOX_H
@@ -23,6 +25,7 @@
 #include <stdint.h>
 
 #include <signal.h>
+#include <stdatomic.h>
 
 #include <cJSON.h>
 #include <lua.h>
@@ -41,6 +44,14 @@ typedef struct sbx_request sbx_request;
 /* Pattern functions refuse a call whose estimated matching work (see
  * doc/tools.md) is above this many steps: about 0.1 s of C time. */
 #define SBX_PATTERN_MAX_STEPS (1LL << 25)
+
+/* The most a tool file's `budget` may ask for (registration refuses
+ * more): 10 minutes, 10^10 instructions, 1 GiB. The gating table's
+ * defaults are the normal values; these only stop absurd ones (which
+ * would overflow deadlines or pin a worker for days). */
+#define SBX_MAX_TIME_MS 600000LL
+#define SBX_MAX_INSTRUCTIONS 10000000000LL
+#define SBX_MAX_MEMORY_BYTES (1LL << 30)
 
 /* JSON conversions refuse nesting deeper than this. */
 #define SBX_JSON_MAX_DEPTH 100
@@ -70,6 +81,10 @@ typedef struct {
                             64 MiB */
     int64_t state_memory_bytes; /* whole state; 0: 512 MiB */
     sbx_hook_mode hook;
+    /* When it becomes true (any thread), every request stops at its next
+     * hook with "cancelled: the dispatcher is shutting down". May be
+     * NULL; must outlive the sandbox. */
+    const atomic_bool *stop;
 } sbx_config;
 
 /* What a tool file declared. Strings and cJSON trees are owned by the
@@ -112,6 +127,14 @@ typedef struct {
     const char *request_id; /* for log lines; may be NULL; copied */
     const char *run_id;     /* may be NULL; copied */
     void *ud;               /* returned by sbx_request_ud */
+    /* When *cancel becomes true (any thread), the request stops at its
+     * next hook (SBX_STOP_CANCELLED) with the text cancel_reason holds
+     * then. Both may be NULL; both must outlive the request. The hook
+     * runs while a count hook is set: always in SBX_HOOK_COUNT mode, and
+     * in SBX_HOOK_TIMER mode when the request has an instruction budget
+     * (else a computing request notices at its time budget). */
+    const atomic_bool *cancel;
+    const char *cancel_reason;
 } sbx_request_opts;
 
 /* Creates a sandbox. Returns NULL and fills err when the config is bad

@@ -351,12 +351,19 @@ static int authenticate(server *srv, struct lws *wsi, char *user,
         snprintf(why, why_size, "malformed Authorization header");
         return 401;
     }
-    for (int i = 0; !token[0]; i++) {
+    bool from_header = token[0] != '\0';
+    int seen = 0;
+    for (int i = 0; i < 64; i++) {
         char arg[JWT_MAX_TOKEN + 16];
         int n = lws_hdr_copy_fragment(wsi, arg, sizeof arg,
                                       WSI_TOKEN_HTTP_URI_ARGS, i);
         if (n <= 0) break;
-        if (!strncmp(arg, "token=", 6))
+        if (strncmp(arg, "token=", 6)) continue;
+        if (++seen > 1) {
+            snprintf(why, why_size, "malformed query: `token` given twice");
+            return 401;
+        }
+        if (!from_header)
             snprintf(token, sizeof token, "%.*s", JWT_MAX_TOKEN, arg + 6);
     }
 

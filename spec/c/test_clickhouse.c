@@ -35,7 +35,7 @@ static void read_server(void) {
     char *colon = strrchr(line, ':');
     assert_non_null(colon);
     *colon = '\0';
-    snprintf(g_host, sizeof g_host, "%s", line);
+    snprintf(g_host, sizeof g_host, "%.63s", line);
     g_port = atoi(colon + 1);
 
     char pw[512];

@@ -21,6 +21,8 @@
 #include "disp.h"
 #include "log.h"
 
+#define SBX_UNLIMITED_TEST (-1) /* sandbox.h SBX_UNLIMITED */
+
 static char root[600];   /* <tmp>/lua */
 static char tooldir[700];
 static char agentdir[700];
@@ -106,6 +108,53 @@ static const char *const tools_src[][2] = {
     {"noch", TOOL("noch", "{ type = 'object' }",
                   "local r, e = ctx.clickhouse:query('SELECT 1')\n"
                   " return e or 'rows'")},
+    {"keeper",
+     "local saved\n"
+     "return { name = 'keeper', description = 'keeps ctx', inputSchema = { "
+     "type = 'object' },\n handler = function(ctx, args)\n"
+     "  if args.keep then saved = ctx return 'kept' end\n"
+     "  local out = {}\n"
+     "  local function try(f)\n"
+     "    local ok, e = pcall(f)\n"
+     "    out[#out + 1] = ok and ('LEAK:' .. tostring(e)) or tostring(e)\n"
+     "  end\n"
+     "  try(function() return saved.user_id end)\n"
+     "  try(function() return saved:call('table', {}).who end)\n"
+     "  try(function() saved:emit('x', {}) return 'emitted' end)\n"
+     "  try(function() saved:log('info', 'x') return 'logged' end)\n"
+     "  try(function() return tostring(saved.clickhouse) end)\n"
+     "  try(function() return ctx.emit(saved, 'x', {}) or 'emitted' end)\n"
+     "  return table.concat(out, '|')\n end }\n"},
+    {"writer", TOOL("writer", "{ type = 'object' }",
+                    "local ok1 = pcall(function() ctx.user_id = 'alice' end)\n"
+                    " local ok2 = pcall(rawset, ctx, 'user_id', 'alice')\n"
+                    " local r = ctx:call('table', {})\n"
+                    " return { w1 = ok1, w2 = ok2, who = r.who, seen = "
+                    "ctx.user_id,\n mt = tostring(getmetatable(ctx)) }")},
+    {"badutf", TOOL("badutf", "{ type = 'object' }",
+                    "local m = args.mode\n"
+                    " if m == 1 then return '\\xc3\\x28 bad' end\n"
+                    " if m == 2 then return nil, 'bad \\xfe msg' end\n"
+                    " if m == 3 then error('bad \\xff byte') end\n"
+                    " if m == 4 then ctx:progress(1, 2, 'p\\xff') return 'ok' "
+                    "end\n"
+                    " if m == 5 then return { ['\\xff'] = 1 } end\n"
+                    " if m == 6 then ctx:emit('x', { ['\\xff'] = 1 }) end\n"
+                    " if m == 7 then return 'a\\0b' end\n"
+                    " if m == 8 then ctx:emit('t\\xff', {}) end\n"
+                    " return 'ok'")},
+    {"huge", TOOL("huge", "{ type = 'object' }",
+                  "local s = ('R'):rep(args.n or 5 * 1024 * 1024)\n"
+                  " if args.table then return { s = s } end\n"
+                  " return s")},
+    {"closer", TOOL("closer", "{ type = 'object' }",
+                    "local x <close> = setmetatable({}, { __close = "
+                    "function() ctx:emit('closed', {}) end })\n"
+                    " error('boom in closer')")},
+    {"float", TOOL("float", "{ type = 'object' }", "return 0.1 + 0.2")},
+    {"chguard", TOOL("chguard", "{ type = 'object' }",
+                     "local r, e = ctx.clickhouse:query(args.sql)\n"
+                     " return e or 'rows'")},
 };
 
 static const char *const agents_src[][2] = {
@@ -122,6 +171,10 @@ static const char *const agents_src[][2] = {
     {"spinner",
      "return { name = 'spinner', description = 'a', budget = { time_ms = "
      "300 },\n run = function(ctx, input) while true do end end }\n"},
+    {"nester",
+     "return { name = 'nester', description = 'a',\n"
+     " run = function(ctx, input) ctx:think('calling loop')\n"
+     "  return { r = ctx:call('loop', {}) } end }\n"},
 };
 
 /* ---- sinks ------------------------------------------------------------------- */
@@ -350,6 +403,41 @@ static void test_registration_errors(void **state) {
     add_expect_error("syntax", "return { name = ", false, "syntax.lua");
 }
 
+/* D13: MCP needs an object at the root of inputSchema. */
+static void test_schema_root_must_be_object(void **state) {
+    (void)state;
+    add_expect_error("strroot",
+                     TOOL("strroot", "{ type = 'string' }", "return 1"),
+                     false, "inputSchema: the root must be {type = \"object\"");
+    add_expect_error("noroot",
+                     TOOL("noroot", "{ properties = {} }", "return 1"),
+                     false, "inputSchema: the root must be");
+}
+
+/* D4: budgets above the ceilings are refused at registration. */
+static void test_budget_ceilings(void **state) {
+    (void)state;
+    add_expect_error("bigtime",
+                     "return { name = 'bigtime', description = 'd', "
+                     "inputSchema = { type = 'object' }, budget = { time_ms = "
+                     "math.maxinteger }, handler = function() end }",
+                     false, "budget.time_ms");
+    add_expect_error("biginstr",
+                     "return { name = 'biginstr', description = 'd', "
+                     "inputSchema = { type = 'object' }, budget = { "
+                     "instructions = 1 << 60 }, handler = function() end }",
+                     false, "budget.instructions");
+    add_expect_error("bigmem",
+                     "return { name = 'bigmem', description = 'd', "
+                     "inputSchema = { type = 'object' }, budget = { "
+                     "memory_bytes = 1 << 40 }, handler = function() end }",
+                     false, "budget.memory_bytes");
+    add_expect_error("bigagent",
+                     "return { name = 'bigagent', description = 'd', budget = "
+                     "{ time_ms = 100000000 }, run = function() end }",
+                     true, "at most");
+}
+
 static void test_tools_json(void **state) {
     (void)state;
     cJSON *tools = disp_registry_tools_json(REG);
@@ -362,7 +450,7 @@ static void test_tools_json(void **state) {
             shaped = cJSON_GetObjectItem(t, "outputSchema") != NULL;
     }
     assert_true(shaped);
-    assert_int_equal(cJSON_GetArraySize(agents), 3);
+    assert_int_equal(cJSON_GetArraySize(agents), 4);
     assert_true(disp_registry_has_tool(REG, "echo"));
     assert_false(disp_registry_has_tool(REG, "helper"));
     assert_true(disp_registry_has_agent(REG, "helper"));
@@ -803,6 +891,271 @@ static void test_pool_shutdown(void **state) {
     coll_free(c);
 }
 
+
+/* ---- attacks on ctx, results and the pool ---------------------------------- */
+
+static coll *start_on(disp_pool *p, const char *user, const char *tool,
+                      const char *args, const cJSON *token) {
+    coll *c = coll_new();
+    netra_ctx *ctx = user_ctx(user);
+    char err[512];
+    disp_sink sink = {c, c_event, c_progress, c_done};
+    c->d = disp_new(p, ctx, &sink, err, sizeof err);
+    ctx_unref(ctx);
+    assert_non_null(c->d);
+    int code = 0;
+    if (disp_call_tool(c->d, tool, cJSON_Parse(args), token, &code, err,
+                       sizeof err) != 0)
+        fail_msg("call refused: %s", err);
+    return c;
+}
+
+static coll *call_on(disp_pool *p, const char *user, const char *tool,
+                     const char *args) {
+    coll *c = start_on(p, user, tool, args, NULL);
+    assert_true(coll_wait(c, 30000));
+    disp_release(c->d);
+    return c;
+}
+
+static disp_pool *one_worker(int64_t time_ms, int64_t instructions) {
+    char err[1024];
+    disp_pool_config cfg = {.workers = 1, .time_ms = time_ms,
+                            .instructions = instructions};
+    disp_pool *p = disp_pool_new(REG, &cfg, err, sizeof err);
+    if (!p) fail_msg("%s", err);
+    return p;
+}
+
+/* D1: a ctx kept in a file-level local is dead once its call ended. */
+static void test_stale_ctx_refused(void **state) {
+    (void)state;
+    disp_pool *p = one_worker(2000, 0);
+    coll *a = call_on(p, "alice", "keeper", "{\"keep\":true}");
+    assert_string_equal(text_of(a->result), "kept");
+    coll_free(a);
+    coll *e = call_on(p, "eve", "keeper", "{}");
+    const char *t = text_of(e->result);
+    if (strstr(t, "LEAK") || strstr(t, "alice"))
+        fail_msg("a stale ctx still works: %s", t);
+    const char *want = "ctx used outside its request: a ctx is valid only "
+                       "during the call that received it";
+    int hits = 0;
+    for (const char *q = t; (q = strstr(q, want)); q++) hits++;
+    if (hits != 6) fail_msg("want 6 refusals in: %s", t);
+    /* nothing reached eve's (or anyone's) sink but eve's own pair */
+    assert_int_equal(cJSON_GetArraySize(e->events), 2);
+    coll_free(e);
+    disp_pool_free(p);
+}
+
+/* D2: ctx is read-only, and nested calls see the caller's identity. */
+static void test_ctx_read_only(void **state) {
+    (void)state;
+    coll *c = call("eve", "writer", "{}");
+    assert_false(is_error(c->result));
+    cJSON *sc = cJSON_GetObjectItem(c->result, "structuredContent");
+    assert_true(cJSON_IsFalse(cJSON_GetObjectItem(sc, "w1")));
+    assert_true(cJSON_IsFalse(cJSON_GetObjectItem(sc, "w2")));
+    assert_string_equal(ev_str(sc, "who"), "eve");
+    assert_string_equal(ev_str(sc, "seen"), "eve");
+    assert_string_equal(ev_str(sc, "mt"), "locked");
+    coll_free(c);
+}
+
+static bool all_utf8(const cJSON *v) {
+    char *text = cJSON_PrintUnformatted(v);
+    const unsigned char *u = (const unsigned char *)text;
+    bool ok = true;
+    size_t n = strlen(text), i = 0;
+    while (ok && i < n) {
+        unsigned char b = u[i];
+        size_t k = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2
+                 : b >= 0xe0 && b <= 0xef ? 3 : b >= 0xf0 && b <= 0xf4 ? 4
+                                                                     : 0;
+        if (!k || i + k > n) ok = false;
+        for (size_t m = 1; ok && m < k; m++)
+            if ((u[i + m] & 0xc0) != 0x80) ok = false;
+        i += k ? k : 1;
+    }
+    free(text);
+    return ok;
+}
+
+/* D3: nothing invalid reaches the client; NUL in results is refused. */
+static void test_invalid_utf8_never_leaves(void **state) {
+    (void)state;
+    cJSON *token = cJSON_CreateString("tok-u");
+    for (int mode = 1; mode <= 8; mode++) {
+        char args[32];
+        snprintf(args, sizeof args, "{\"mode\":%d}", mode);
+        coll *c = start_call("alice", "badutf", args, token);
+        assert_true(coll_wait(c, 20000));
+        disp_release(c->d);
+        if (!all_utf8(c->result) || !all_utf8(c->events)) {
+            char *r = cJSON_PrintUnformatted(c->result);
+            fail_msg("mode %d: invalid UTF-8 left: %s", mode, r);
+        }
+        if (mode == 1 || mode == 7 || mode == 5)
+            assert_true(is_error(c->result));
+        if (mode == 7)
+            assert_non_null(strstr(text_of(c->result), "NUL"));
+        if (mode == 1)
+            assert_non_null(strstr(text_of(c->result), "UTF-8"));
+        coll_free(c);
+    }
+    cJSON_Delete(token);
+}
+
+/* D4: shutdown and cancel end a CPU loop that has a huge time budget. */
+typedef struct {
+    disp_pool *p;
+    atomic_bool done;
+} freer;
+
+static void *free_pool(void *arg) {
+    freer *f = arg;
+    disp_pool_free(f->p);
+    atomic_store(&f->done, true);
+    return NULL;
+}
+
+static void test_cancel_and_shutdown_stop_cpu_loops(void **state) {
+    (void)state;
+    disp_pool *p = one_worker(600000, SBX_UNLIMITED_TEST);
+    coll *c = start_on(p, "alice", "loop", "{}", NULL);
+    usleep(200 * 1000);
+    disp_cancel(c->d, "enough");
+    assert_true(coll_wait(c, 30000));
+    assert_true(is_error(c->result));
+    assert_non_null(strstr(text_of(c->result), "enough"));
+    disp_release(c->d);
+    coll_free(c);
+
+    c = start_on(p, "alice", "loop", "{}", NULL);
+    usleep(200 * 1000);
+    freer f = {.p = p};
+    pthread_t th;
+    pthread_create(&th, NULL, free_pool, &f);
+    for (int i = 0; i < 300 && !atomic_load(&f.done); i++) usleep(100 * 1000);
+    assert_true(atomic_load(&f.done)); /* else the pool never stopped */
+    pthread_join(th, NULL);
+    assert_int_equal(c->dones, 1);
+    disp_release(c->d);
+    coll_free(c);
+}
+
+/* D5: one user's flood does not hold another user's call until it ends. */
+static void test_fair_between_users(void **state) {
+    (void)state;
+    char err[1024];
+    disp_pool_config cfg = {.workers = 2, .time_ms = 1000,
+                            .instructions = SBX_UNLIMITED_TEST,
+                            .max_inflight_per_user = 16};
+    disp_pool *p = disp_pool_new(REG, &cfg, err, sizeof err);
+    assert_non_null(p);
+    coll *a[16];
+    for (int i = 0; i < 16; i++) a[i] = start_on(p, "flood", "loop", "{}", NULL);
+    coll *b = start_on(p, "bob", "echo", "{\"text\":\"served\"}", NULL);
+    assert_true(coll_wait(b, 60000));
+    int ended = 0;
+    for (int i = 0; i < 16; i++) {
+        pthread_mutex_lock(&a[i]->lock);
+        ended += a[i]->dones;
+        pthread_mutex_unlock(&a[i]->lock);
+    }
+    if (ended >= 16) fail_msg("bob waited for all 16 of flood's calls");
+    assert_string_equal(text_of(b->result), "served");
+    disp_release(b->d);
+    coll_free(b);
+    for (int i = 0; i < 16; i++) {
+        assert_true(coll_wait(a[i], 60000));
+        disp_release(a[i]->d);
+        coll_free(a[i]);
+    }
+    disp_pool_free(p);
+}
+
+/* D6: results past the limit become errors. */
+static void test_result_size_limit(void **state) {
+    (void)state;
+    char err[1024];
+    disp_pool_config cfg = {.workers = 1, .max_result_bytes = 100000};
+    disp_pool *p = disp_pool_new(REG, &cfg, err, sizeof err);
+    assert_non_null(p);
+    coll *c = call_on(p, "alice", "huge", "{\"n\":200000}");
+    assert_true(is_error(c->result));
+    assert_non_null(strstr(text_of(c->result), "result too large (200000 "
+                                               "bytes; the limit is 100000)"));
+    coll_free(c);
+    c = call_on(p, "alice", "huge", "{\"n\":200000,\"table\":true}");
+    assert_true(is_error(c->result));
+    assert_non_null(strstr(text_of(c->result), "result too large"));
+    coll_free(c);
+    c = call_on(p, "alice", "huge", "{\"n\":1000}");
+    assert_false(is_error(c->result));
+    coll_free(c);
+    disp_pool_free(p);
+
+    /* the default limit is 4 MiB */
+    c = call("alice", "huge", "{}");
+    assert_true(is_error(c->result));
+    assert_non_null(strstr(text_of(c->result), "the limit is 4194304"));
+    coll_free(c);
+}
+
+/* D7: a run cancelled inside a nested call ends that call's frame too
+ * (ASan reports the frame as a leak otherwise). */
+static void test_agent_cancelled_in_nested_call(void **state) {
+    (void)state;
+    coll *c = run_agent("alice", "nester", "{}", 150);
+    assert_string_equal(last_type(c), "agent_error");
+    assert_int_equal(count_type(c, "tool_executing"), 1);
+    assert_int_equal(count_type(c, "tool_completed"), 1);
+    coll_free(c);
+}
+
+/* D15: __close handlers run when a handler raises. */
+static void test_close_runs_on_error(void **state) {
+    (void)state;
+    coll *c = call("alice", "closer", "{}");
+    assert_true(is_error(c->result));
+    assert_non_null(strstr(text_of(c->result), "boom in closer"));
+    assert_int_equal(count_type(c, "closed"), 1);
+    coll_free(c);
+}
+
+/* D8: a number returned alone reads back as the same double. */
+static void test_float_round_trips(void **state) {
+    (void)state;
+    coll *c = call("alice", "float", "{}");
+    assert_string_equal(text_of(c->result), "0.30000000000000004");
+    coll_free(c);
+}
+
+/* D18: ctx.clickhouse refuses writes, KILL and table functions. */
+static void test_clickhouse_guard(void **state) {
+    (void)state;
+    static const char *const cases[][2] = {
+        {"SELECT * FROM url('http://127.0.0.1:1/x', CSV, 'a String')",
+         "table function 'url'"},
+        {"select 1 from  S3 ('x')", "table function 's3'"},
+        {"KILL QUERY WHERE 1", "only SELECT"},
+        {"/* hi */ -- x\\n INSERT INTO t VALUES (1)", "only SELECT"},
+        {"/* c */ -- x\\n SELECT 'url(' AS u", "Not connected"},
+        {"WITH 1 AS x SELECT x", "Not connected"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char args[256];
+        snprintf(args, sizeof args, "{\"sql\":\"%s\"}", cases[i][0]);
+        coll *c = call("alice", "chguard", args);
+        if (!strstr(text_of(c->result), cases[i][1]))
+            fail_msg("%s: want '%s' in: %s", cases[i][0], cases[i][1],
+                     text_of(c->result));
+        coll_free(c);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_registration_errors),
@@ -826,6 +1179,18 @@ int main(void) {
         cmocka_unit_test(test_agent_budget_and_cancel),
         cmocka_unit_test(test_release_in_done),
         cmocka_unit_test(test_pool_shutdown),
+        cmocka_unit_test(test_schema_root_must_be_object),
+        cmocka_unit_test(test_budget_ceilings),
+        cmocka_unit_test(test_stale_ctx_refused),
+        cmocka_unit_test(test_ctx_read_only),
+        cmocka_unit_test(test_invalid_utf8_never_leaves),
+        cmocka_unit_test(test_cancel_and_shutdown_stop_cpu_loops),
+        cmocka_unit_test(test_fair_between_users),
+        cmocka_unit_test(test_result_size_limit),
+        cmocka_unit_test(test_agent_cancelled_in_nested_call),
+        cmocka_unit_test(test_close_runs_on_error),
+        cmocka_unit_test(test_clickhouse_guard),
+        cmocka_unit_test(test_float_round_trips),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

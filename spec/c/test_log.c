@@ -89,11 +89,41 @@ static void test_redaction(void **state) {
     assert_string_equal(buf, "http://host:8123/path");
 }
 
+static void emit_forgery(void) {
+    log_req(NLOG_INFO, "Tool", "req-2", NULL, "%s",
+            "hi\n2026-01-01T00:00:00.000Z error [startup] FORGED\r\x1b[2J"
+            "\tbad \xff\xfe byte \xc3\xa9 ok\x7f");
+}
+
+/* D9: a tool's text cannot start a line of its own, move the terminal
+ * or put invalid UTF-8 in the log. */
+static void test_control_bytes_escaped(void **state) {
+    (void)state;
+    char *out = capture(NLOG_INFO, false, emit_forgery);
+    assert_non_null(strstr(out, "hi\\n2026-01-01T00:00:00.000Z error "
+                                "[startup] FORGED\\r\\x1b[2J\\tbad "
+                                "\xef\xbf\xbd\xef\xbf\xbd byte \xc3\xa9 "
+                                "ok\\x7f request_id=req-2\n"));
+    /* exactly one line */
+    assert_ptr_equal(strchr(out, '\n'), out + strlen(out) - 1);
+    assert_null(strchr(out, '\x1b'));
+    assert_null(strchr(out, '\r'));
+    free(out);
+
+    out = capture(NLOG_INFO, true, emit_forgery);
+    assert_ptr_equal(strchr(out, '\n'), out + strlen(out) - 1);
+    assert_non_null(strstr(out, "hi\\n2026"));
+    assert_non_null(strstr(out, "bad \xef\xbf\xbd\xef\xbf\xbd byte"));
+    assert_null(strstr(out, "\xff"));
+    free(out);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_levels),
         cmocka_unit_test(test_json),
         cmocka_unit_test(test_redaction),
+        cmocka_unit_test(test_control_bytes_escaped),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -616,7 +616,7 @@ static void test_print_goes_to_log(void **state) {
     rewind(logf);
     buf[fread(buf, 1, sizeof buf - 1, logf)] = 0;
     fclose(logf);
-    assert_non_null(strstr(buf, "[printer] hello\t42"));
+    assert_non_null(strstr(buf, "[printer] hello\\t42"));
     assert_non_null(strstr(buf, "req-1"));
     sbx_free(s);
 }

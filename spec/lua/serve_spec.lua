@@ -101,6 +101,25 @@ describe("netra serve", function()
       srv:log(), 1, true)
   end)
 
+  it("turns readiness 503 before it closes the listener", function()
+    srv = assert(proc.serve({ args = "--env test", env = { NETRA_SHUTDOWN_DRAIN_MS = "1500" } }))
+    assert.truthy(proc.wait_for(function()
+      return srv:get("/health/ready") == 200
+    end))
+    srv:signal("TERM")
+    local body = proc.wait_for(function()
+      local st, b = srv:get("/health/ready")
+      if st == 503 then
+        return b
+      end
+    end, 1000)
+    assert.truthy(body, "no 503 from /health/ready while draining")
+    assert.equal("stopping", proc.json(body).phase)
+    assert.equal(200, (srv:get("/health/live")))
+    assert.truthy(srv:wait_exit(20000))
+    srv = nil
+  end)
+
   it("stops on SIGTERM: readiness off, then exit 0", function()
     srv = assert(proc.serve({ args = "--env test" }))
     assert.truthy(proc.wait_for(function()
@@ -164,6 +183,30 @@ return policy
     assert.equal(1, code)
     assert.matches("Required secrets missing: ['CLICKHOUSE_URL']", err, 1, true)
     assert.matches("set CLICKHOUSE_URL or CLICKHOUSE_HOST", err, 1, true)
+  end)
+
+  it("notices a service loop that stopped turning and shows it afterwards", function()
+    srv = assert(proc.serve({ args = "--env test", env = { NETRA_WATCHDOG_STALL_MS = "500" } }))
+    assert.truthy(proc.wait_for(function()
+      return srv:get("/health/ready") == 200
+    end), srv:log())
+    -- Freeze the whole process past the stall threshold, then let it go.
+    srv:signal("STOP")
+    proc.sleep(1500)
+    srv:signal("CONT")
+    assert.truthy(proc.wait_for(function()
+      return srv:log():find("service loop turned again after a stall", 1, true)
+    end, 10000), srv:log())
+    local bridge = proc.wait_for(function()
+      local _, body = srv:get("/health/agent_websocket_bridge")
+      local doc = body and proc.json(body)
+      if doc and doc.netra.status == "degraded" then
+        return doc.netra
+      end
+    end, 10000)
+    assert.truthy(bridge, srv:log())
+    assert.matches("stalled 1 time", bridge.message, 1, true)
+    assert.equal(1, bridge.observed.stalls)
   end)
 
   it("refuses an address it cannot bind", function()
