@@ -725,12 +725,20 @@ static int l_analytics_start(lua_State *L) {
         lua_pushstring(L, err);
         return 2;
     }
+    long rotate;
+    if (config_int(rt->cfg, "NETRA_EVENTS_ROTATE_BYTES", 64L << 20, 4096,
+                   1L << 40, &rotate, err, sizeof err) < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
     analytics_config ac = {
         .mode = strcmp(mode, "local") ? ANALYTICS_CLICKHOUSE : ANALYTICS_LOCAL,
         .clickhouse_url = NULL,
         .spool_dir = spool_dir,
         .spool_max_bytes = (uint64_t)max_mb,
         .events_file = events,
+        .events_rotate_bytes = (uint64_t)rotate,
         .health = rt->health,
     };
     /* The analytics thread needs a URL: make one from the settings. */

@@ -317,6 +317,12 @@ policy.components.analytics = {
     local mode = (status and status.status == "disabled") and "local" or "clickhouse"
     local ok, err = netra.analytics.start({ mode = mode })
     if not ok then
+      -- Most reasons already say what to do (a spool locked by another
+      -- netra: stop it or use another NETRA_SPOOL_DIR); advice about a
+      -- writable path would mislead there.
+      if err:find("NETRA_", 1, true) then
+        return nil, err
+      end
       return nil, err .. " - set NETRA_SPOOL_DIR (or NETRA_EVENTS_FILE) to a writable path"
     end
     return true
