@@ -22,6 +22,7 @@
 #include "repl_term.h"
 #include "runtime.h"
 #include "scenario.h"
+#include "serve.h"
 #include "server.h"
 
 static const char usage_text[] =
@@ -565,15 +566,56 @@ static int cmd_repl_attach(const options *o) {
     return rc;
 }
 
-static int cmd_repl(const options *o) {
-    if (o->serve) {
-        /* TODO: serve in this process beside the prompt; attaching to a
-         * separate `netra serve` gives the same live state meanwhile. */
-        fprintf(stderr, "netra repl: --serve is not available in this "
-                        "version - run `netra serve` and then `netra repl "
-                        "--attach`\n");
-        return 2;
+/* `netra repl --serve`: the server runs in this process, as `netra
+ * serve` would, and the prompt evaluates beside it in a state of its own
+ * (the server's threads keep serving while the prompt waits or runs). */
+static int cmd_repl_serve(const options *o) {
+    config *cfg = load_config(o);
+    if (!cfg) return 1;
+    signal(SIGPIPE, SIG_IGN);
+    char err[8192], notice[8400] = "";
+    serve *s = serve_start(cfg, err, sizeof err);
+    if (!s) {
+        fprintf(stderr, "netra repl: %s\n", err);
+        return 1;
     }
+    for (int i = 0; i < 600 && serve_get_state(s, NULL, 0) == SERVE_STARTING;
+         i++) {
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    serve_state st = serve_get_state(s, err, sizeof err);
+    runtime *rt = serve_runtime(s);
+    if (st == SERVE_REFUSED)
+        snprintf(notice, sizeof notice,
+                 "the policy refused to start (not serving /ws): %s", err);
+    else if (st == SERVE_STARTING)
+        snprintf(notice, sizeof notice, "still starting after 60 s");
+    else
+        snprintf(notice, sizeof notice, "serving on 127.0.0.1:%d",
+                 serve_port(s));
+
+    repl_options ro = {.rt = rt, .policy = serve_policy(s),
+                       .own_state = true, .who = "local", .tag = "repl"};
+    repl *r = repl_new(&ro, err, sizeof err);
+    int rc = 1;
+    if (!r) {
+        fprintf(stderr, "netra repl: %s\n", err);
+    } else {
+        char banner[512];
+        snprintf(banner, sizeof banner, repl_banner, NETRA_VERSION,
+                 config_environment(rt->cfg));
+        repl_set_pool(r, serve_pool(s));
+        rterm_evaluator ev = {r, local_eval, local_complete};
+        rc = rterm_run(&ev, banner, notice);
+        repl_free(r);
+    }
+    serve_stop(s);
+    return rc;
+}
+
+static int cmd_repl(const options *o) {
+    if (o->serve) return cmd_repl_serve(o);
     if (o->attach) return cmd_repl_attach(o);
     return cmd_repl_local(o);
 }

@@ -180,6 +180,14 @@ int serve_port(const serve *s) {
     return server_port(s->rt->server);
 }
 
+policy *serve_policy(serve *s) {
+    return atomic_load(&s->state) == SERVE_READY ? s->policy : NULL;
+}
+
+disp_pool *serve_pool(serve *s) {
+    return atomic_load(&s->state) == SERVE_READY ? s->pool : NULL;
+}
+
 runtime *serve_runtime(serve *s) {
     return s->rt;
 }

@@ -43,6 +43,10 @@ serve_state serve_get_state(serve *s, char *why, size_t why_size);
 int serve_port(const serve *s);
 runtime *serve_runtime(serve *s);
 
+/* The policy and the worker pool once SERVE_READY (NULL before). */
+struct policy *serve_policy(serve *s);
+struct disp_pool *serve_pool(serve *s);
+
 /* Stops as on SIGTERM: readiness 503, every client 1001 once the runs in
  * flight ended within NETRA_SHUTDOWN_GRACE_MS (then cancelled), and
  * frees everything. Waits for the policy thread when it is still running

@@ -87,6 +87,36 @@ describe("netra repl with a script on stdin", function()
     assert.matches("the policy refused to start: ", err, 1, true)
   end)
 
+  it("serves in the same process with --serve, and stops with the prompt", function()
+    local socket = require("socket")
+    local probe = assert(socket.bind("127.0.0.1", 0))
+    local _, port = probe:getsockname()
+    probe:close()
+    local script = ([[
+local code
+for _ = 1, 100 do
+  local p = io.popen("curl -s -o /dev/null -w '%%{http_code}' http://127.0.0.1:%d/health/ready")
+  code = p:read("a")
+  p:close()
+  if code == "200" then break end
+  netra.startup.sleep(100)
+end
+print("ready " .. code)
+return dispatch_as{user_id = "alice"}("echo", {text = "served"}).content[1].text
+]]):format(port)
+    local code, out, err = repl(script, "--serve --env test",
+      { NETRA_LISTEN = "127.0.0.1:" .. port })
+    assert.equal(0, code, err)
+    assert.matches("ready 200", out, 1, true)
+    assert.matches("served", out, 1, true)
+    assert.matches("serving on 127.0.0.1:" .. port, err, 1, true)
+    -- The server went away with the prompt.
+    local c = socket.tcp()
+    c:settimeout(2)
+    assert.is_nil((c:connect("127.0.0.1", port)))
+    c:close()
+  end)
+
   it("prints nested tables with sorted keys, cycles and redacted secrets", function()
     local code, out, err = repl(table.concat({
       "t = {z = 1, a = {b = {c = 'deep'}}, [2] = 'two', [1] = 'one',",
