@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -400,6 +401,19 @@ int console_find(const char *dir, char *out, size_t size, char *list,
         if (strncmp(e->d_name, "netra-", 6) || n < 11 ||
             strcmp(e->d_name + n - 5, ".sock"))
             continue;
+        /* A socket nobody listens on was left by a server that died. */
+        char path[PATH_MAX];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        bool alive = false;
+        if (strlen(path) < sizeof sa.sun_path) {
+            memcpy(sa.sun_path, path, strlen(path) + 1);
+            alive = fd >= 0 &&
+                    connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+        }
+        if (fd >= 0) close(fd);
+        if (!alive) continue;
         found++;
         snprintf(out, size, "%s/%s", dir, e->d_name);
         if (used < list_size)

@@ -401,8 +401,8 @@ static int authenticate(server *srv, struct lws *wsi, char *user,
     return 0;
 }
 
-/* True when NETRA_ALLOWED_ORIGINS is unset or lists the request's Origin
- * (comma separated, exact match). */
+/* True when NETRA_ALLOWED_ORIGINS is unset, the request has no Origin, or
+ * the list (comma separated, exact match) holds it. */
 static bool origin_allowed(server *srv, struct lws *wsi, char *origin,
                            size_t size) {
     const char *allowed = config_get(srv->rt->cfg, "NETRA_ALLOWED_ORIGINS");
@@ -410,6 +410,9 @@ static bool origin_allowed(server *srv, struct lws *wsi, char *origin,
     lws_hdr_copy(wsi, origin, (int)size, WSI_TOKEN_ORIGIN);
     if (!allowed) return true;
     size_t n = strlen(origin);
+    /* Browsers always send Origin; a client without one (an SDK, a
+     * server) is not the cross-site case this check guards against. */
+    if (n == 0) return true;
     for (const char *p = allowed; *p;) {
         while (*p == ' ' || *p == ',') p++;
         size_t len = strcspn(p, ",");

@@ -335,7 +335,7 @@ local function make_helpers(netra, host)
     host.log("query: " .. sql)
     local rows, err = policy_call("query", sql)
     if rows == nil then
-      raise(err)
+      return nil, err
     end
     return rows
   end
