@@ -95,7 +95,8 @@ describe("netra repl with a script on stdin", function()
     local script = ([[
 local code
 for _ = 1, 100 do
-  local p = io.popen("curl -s -o /dev/null -w '%%{http_code}' http://127.0.0.1:%d/health/ready")
+  local p = io.popen("env -u LD_PRELOAD curl -s -o /dev/null -w '%%{http_code}' "
+    .. "http://127.0.0.1:%d/health/ready")
   code = p:read("a")
   p:close()
   if code == "200" then break end
