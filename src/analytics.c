@@ -50,7 +50,7 @@ static const char *const event_columns[] = {
 
 struct analytics {
     analytics_config cfg;
-    char *url, *spool_dir, *events_file;
+    char *spool_dir, *events_file;
     pthread_mutex_t lock; /* guards the spool and the events file */
     pthread_cond_t wake;
     spool *sp;
@@ -239,18 +239,16 @@ void analytics_record_event(void *ud, const cJSON *event) {
 
 /* ---- the analytics thread -------------------------------------------------- */
 
-static const char *ch_get(void *ud, const char *key) {
-    return strcmp(key, "CLICKHOUSE_URL") ? NULL : ud;
-}
-
 /* Connects (if needed) and creates the tables. Returns 0 or -1 with the
  * error recorded. */
 static int ensure_clickhouse(analytics *a, char *why, size_t n) {
     ch_error err;
     if (!a->ch) {
         ch_settings s;
-        char warn[256], e[256];
-        if (ch_settings_parse(&s, ch_get, a->url, warn, sizeof warn, e,
+        char warn[256], e[256] = "ClickHouse is not configured";
+        if (!a->cfg.clickhouse_get ||
+            ch_settings_parse(&s, a->cfg.clickhouse_get,
+                              a->cfg.clickhouse_get_ud, warn, sizeof warn, e,
                               sizeof e) != CH_OK) {
             snprintf(why, n, "ClickHouse settings: %s", e);
             return -1;
@@ -472,7 +470,6 @@ static void release(void *ud) {
     if (atomic_fetch_sub(&a->refs, 1) != 1) return;
     pthread_mutex_destroy(&a->lock);
     pthread_cond_destroy(&a->wake);
-    free(a->url);
     free(a->spool_dir);
     free(a->events_file);
     free(a);
@@ -507,7 +504,6 @@ analytics *analytics_start(const analytics_config *cfg, char *err,
     atomic_store(&a->refs, 1);
     if (a->cfg.batch_rows <= 0) a->cfg.batch_rows = 10000;
     if (a->cfg.flush_ms <= 0) a->cfg.flush_ms = 200;
-    a->url = cfg->clickhouse_url ? strdup(cfg->clickhouse_url) : NULL;
     a->spool_dir = cfg->spool_dir ? strdup(cfg->spool_dir) : NULL;
     a->events_file = cfg->events_file ? strdup(cfg->events_file) : NULL;
     pthread_mutex_init(&a->lock, NULL);

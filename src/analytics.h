@@ -24,6 +24,7 @@
 
 #include <cJSON.h>
 
+#include "clickhouse.h"
 #include "disp.h"
 #include "health.h"
 
@@ -36,7 +37,9 @@ typedef enum {
 
 typedef struct {
     analytics_mode mode;
-    const char *clickhouse_url;  /* CLICKHOUSE_URL form; for CLICKHOUSE */
+    ch_getter clickhouse_get;    /* the CLICKHOUSE_* settings; for
+                                    CLICKHOUSE */
+    void *clickhouse_get_ud;
     const char *spool_dir;       /* created if missing */
     uint64_t spool_max_bytes;    /* 0: 1 GiB */
     const char *events_file;     /* for LOCAL */

@@ -734,32 +734,14 @@ static int l_analytics_start(lua_State *L) {
     }
     analytics_config ac = {
         .mode = strcmp(mode, "local") ? ANALYTICS_CLICKHOUSE : ANALYTICS_LOCAL,
-        .clickhouse_url = NULL,
         .spool_dir = spool_dir,
         .spool_max_bytes = (uint64_t)max_mb,
         .events_file = events,
         .events_rotate_bytes = (uint64_t)rotate,
         .health = rt->health,
     };
-    /* The analytics thread needs a URL: make one from the settings. */
-    char url[2048] = "";
-    const char *given = config_get(rt->cfg, "CLICKHOUSE_URL");
-    if (given) {
-        snprintf(url, sizeof url, "%s", given);
-    } else if (config_get(rt->cfg, "CLICKHOUSE_HOST")) {
-        bool secure = false;
-        config_bool(rt->cfg, "CLICKHOUSE_SECURE", false, &secure, err,
-                    sizeof err);
-        snprintf(url, sizeof url, "%s://%s:%s@%s:%s/%s",
-                 secure ? "https" : "http",
-                 config_get_or(rt->cfg, "CLICKHOUSE_USER", "default"),
-                 config_get_or(rt->cfg, "CLICKHOUSE_PASSWORD", ""),
-                 config_get(rt->cfg, "CLICKHOUSE_HOST"),
-                 config_get_or(rt->cfg, "CLICKHOUSE_PORT",
-                               secure ? "8443" : "8123"),
-                 config_get_or(rt->cfg, "CLICKHOUSE_DB", "default"));
-    }
-    ac.clickhouse_url = url[0] ? url : NULL;
+    ac.clickhouse_get = config_getter;
+    ac.clickhouse_get_ud = rt->cfg;
     rt->analytics = analytics_start(&ac, err, sizeof err);
     if (!rt->analytics) {
         lua_pushnil(L);

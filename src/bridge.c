@@ -402,16 +402,8 @@ static void tools_call(bridge *b, uint64_t conn_id, const char *raw_id,
     int rc = disp_call_tool(r->d, name, copy, token, &code, err, sizeof err);
     leave_pool(b);
     if (rc < 0) {
-        pthread_mutex_lock(&b->lock);
-        if (r->conn) {
-            r->prev->next = r->next;
-            r->next->prev = r->prev;
-        }
-        pthread_mutex_unlock(&b->lock);
-        atomic_fetch_sub(&b->in_flight, 1);
         send_error(b, conn_id, raw_id, code ? code : DISP_BAD_PARAMS, err);
-        disp_release(r->d);
-        req_free(r);
+        req_finish(r);
     }
 }
 
@@ -447,17 +439,8 @@ static void agents_run(bridge *b, uint64_t conn_id, const char *raw_id,
     int rc = disp_run_agent(r->d, name, copy, &code, err, sizeof err);
     leave_pool(b);
     if (rc < 0) {
-        pthread_mutex_lock(&b->lock);
-        if (r->conn) {
-            r->prev->next = r->next;
-            r->next->prev = r->prev;
-        }
-        pthread_mutex_unlock(&b->lock);
-        atomic_fetch_sub(&b->in_flight, 1);
-        atomic_fetch_sub(&b->runs, 1);
         send_error(b, conn_id, raw_id, code ? code : DISP_BAD_PARAMS, err);
-        disp_release(r->d);
-        req_free(r);
+        req_finish(r);
         return;
     }
     cJSON *res = cJSON_CreateObject();

@@ -87,6 +87,10 @@ const char *config_get(const config *cfg, const char *key) {
     return s == CONFIG_UNSET ? NULL : find(cfg, key)->value[s];
 }
 
+const char *config_getter(void *cfg, const char *key) {
+    return config_get(cfg, key);
+}
+
 const char *config_get_or(const config *cfg, const char *key,
                           const char *def) {
     const char *v = config_get(cfg, key);
@@ -334,8 +338,9 @@ static int find_home(config *cfg, char *err, size_t err_size) {
     }
     snprintf(err, err_size,
              "cannot find lua/netra/policy.lua in NETRA_HOME, the current "
-             "directory, <binary>/../share/netra or %s - set NETRA_HOME to the directory that holds "
-             "lua/ and config/, or run `cmake --install`",
+             "directory, <binary>/../share/netra or %s - set NETRA_HOME "
+             "to the directory that holds lua/ and config/, or run "
+             "`cmake --install`",
              NETRA_DATADIR);
     return -1;
 }

@@ -76,6 +76,10 @@ const char *config_home(const config *cfg);
 /* True when name is development, test, staging or production. */
 bool config_environment_valid(const char *name);
 
+/* config_get with the shape of a settings getter (ud is the config), for
+ * parts that read settings by name (clickhouse.h's ch_getter). */
+const char *config_getter(void *cfg, const char *key);
+
 /* Calls fn for every key that has a value, in sorted order. */
 void config_each(const config *cfg,
                  void (*fn)(void *ud, const char *key, const char *value,

@@ -37,10 +37,6 @@ typedef struct {
     int64_t time_ms, instructions, memory_bytes;
 } budget;
 
-static const char *config_getter(void *ud, const char *key) {
-    return config_get(ud, key);
-}
-
 static disp_pool *make_pool(runtime *rt, disp_registry *reg,
                             const budget *bud, char *err, size_t err_size) {
     long workers, per_user, queue_max, max_result;
